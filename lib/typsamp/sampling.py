@@ -1,0 +1,199 @@
+"""Temperature, truncation and sampling (chapters 1 and 2).
+
+:func:`probs` turns logits into the distribution a decoder samples from: divide by the
+temperature, cut away the tail by one or more truncation rules, renormalise. Each rule
+gives the same result as the Hugging Face ``transformers`` warper of the same name run
+in float32 (the tests check this token for token), and the rules run in the order
+``generate()`` applies them:
+
+=================  ==========================  ==========================================
+argument           transformers warper         keeps token x when ...
+=================  ==========================  ==========================================
+``temperature``    ``TemperatureLogitsWarper`` (all tokens; logits become z / T)
+``top_k``          ``TopKLogitsWarper``        z(x) is at least the k-th largest logit
+``top_p``          ``TopPLogitsWarper``        x is in the smallest head of mass >= top_p
+``min_p``          ``MinPLogitsWarper``        p(x) >= min_p * max p
+``typical_p``      ``TypicalLogitsWarper``     |-log p(x) - H| is among the smallest,
+                                               up to mass typical_p (Meister et al.)
+``epsilon``        ``EpsilonLogitsWarper``     p(x) >= epsilon
+``eta``            ``EtaLogitsWarper``         p(x) >= min(eta, sqrt(eta) * exp(-H))
+=================  ==========================  ==========================================
+
+Every rule keeps at least the most likely token. ``temperature=0`` means greedy: a
+one-hot vector on the argmax; among tied maxima the lowest index wins (the rule of
+``torch.argmax``), and the truncation arguments are still validated but cannot change
+a one-hot result.
+
+All functions work on any number of leading (batch) dimensions, compute in float32
+whatever the input dtype (float16, bfloat16, float32; float64 stays float64), and run
+on whatever device the input lives on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from typsamp import checks
+
+__all__ = ["probs", "entropy", "sample"]
+
+
+def probs(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eta: float | None = None,
+    typical_p: float | None = None,
+    epsilon: float | None = None,
+) -> torch.Tensor:
+    """Warp ``logits`` [..., V] into probabilities [..., V].
+
+    Args:
+        logits: floating tensor; ``-inf`` marks a token that must never be chosen.
+        temperature: T >= 0. T = 1 leaves the model's distribution unchanged; T -> 0
+            tends to greedy, and T = 0 *is* greedy (one-hot argmax).
+        top_k: keep the k highest logits (ties at the k-th value are all kept), k >= 1.
+        top_p: nucleus sampling, in (0, 1].
+        min_p: keep tokens with p >= min_p * max p, in [0, 1].
+        eta: eta-sampling cutoff (transformers' ``eta_cutoff``), in (0, 1).
+        typical_p: locally typical sampling mass (transformers' ``typical_p``), in (0, 1).
+        epsilon: epsilon-sampling cutoff (transformers' ``epsilon_cutoff``), in (0, 1).
+
+    Returns:
+        float32 probabilities (float64 for float64 input), same shape as ``logits``.
+    """
+    checks.logits("logits", logits)
+    temperature = checks.real("temperature", temperature, low=0.0)
+    if top_k is not None:
+        top_k = checks.integer("top_k", top_k, low=1)
+    if top_p is not None:
+        top_p = checks.real("top_p", top_p, low=0.0, high=1.0, low_open=True)
+    if min_p is not None:
+        min_p = checks.real("min_p", min_p, low=0.0, high=1.0)
+    if typical_p is not None:
+        typical_p = checks.real("typical_p", typical_p, low=0.0, high=1.0, low_open=True, high_open=True)
+    if epsilon is not None:
+        epsilon = checks.real("epsilon", epsilon, low=0.0, high=1.0, low_open=True, high_open=True)
+    if eta is not None:
+        eta = checks.real("eta", eta, low=0.0, high=1.0, low_open=True, high_open=True)
+
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    shape = logits.shape
+    z = logits.to(dtype).reshape(-1, shape[-1])
+
+    if temperature == 0.0:
+        out = torch.zeros_like(z)
+        out.scatter_(-1, z.argmax(dim=-1, keepdim=True), 1.0)
+        return out.reshape(shape)
+
+    if temperature != 1.0:
+        z = z / temperature
+    if top_k is not None:
+        z = _top_k(z, top_k)
+    if top_p is not None and top_p < 1.0:
+        z = _top_p(z, top_p)
+    if min_p is not None:
+        z = _min_p(z, min_p)
+    if typical_p is not None:
+        z = _typical(z, typical_p)
+    if epsilon is not None:
+        z = _epsilon(z, epsilon)
+    if eta is not None:
+        z = _eta(z, eta)
+    return torch.softmax(z, dim=-1).reshape(shape)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy H(p) = -sum p log p in nats, over the last dimension.
+
+    Zero-probability entries contribute 0 (the limit of -x log x), so truncated
+    distributions are fine. Returns float32 (float64 for float64 input), shape [...].
+    """
+    checks.probs("probs", probs)
+    dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    return torch.special.entr(probs.to(dtype)).sum(dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token index from each row of ``probs`` [..., V]; returns int64 [...].
+
+    Uses the exponential race: with E_x i.i.d. Exponential(1), argmax_x p(x) / E_x is
+    distributed exactly as p. It needs one random number per entry, no cumulative sum
+    and no host synchronisation, and a zero-probability token can never win.
+    """
+    checks.probs("probs", probs)
+    generator = checks.generator("generator", generator, probs.device)
+    dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    p = probs.to(dtype)
+    race = torch.empty_like(p).exponential_(1.0, generator=generator)
+    # An Exponential(1) draw of exactly 0 (possible in floating point) would give p/0:
+    # keep it positive so a zero-probability token still scores 0 and cannot win.
+    race.clamp_(min=torch.finfo(dtype).tiny)
+    return (p / race).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# The truncation rules, on 2-D float scores [N, V]. Each returns the scores with the
+# removed tokens set to -inf, exactly as the transformers warper of the same name does.
+
+
+def _keep_top1(remove: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Never remove the token(s) holding the largest score."""
+    return remove & (z < z.amax(dim=-1, keepdim=True))
+
+
+def _top_k(z: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, z.shape[-1])
+    kth = torch.topk(z, k, dim=-1).values[..., -1:]
+    return z.masked_fill(z < kth, float("-inf"))
+
+
+def _top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    # Sort ascending and drop the low tail whose mass is at most 1 - top_p; the rest is
+    # the smallest set of top tokens whose mass reaches top_p.
+    sorted_z, order = torch.sort(z, descending=False)
+    tail = sorted_z.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
+    tail[..., -1] = False
+    remove = tail.scatter(-1, order, tail)
+    return z.masked_fill(remove, float("-inf"))
+
+
+def _min_p(z: torch.Tensor, min_p: float) -> torch.Tensor:
+    p = torch.softmax(z, dim=-1)
+    remove = p < min_p * p.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, p.argmax(dim=-1, keepdim=True), False)
+    return z.masked_fill(remove, float("-inf"))
+
+
+def _typical(z: torch.Tensor, mass: float) -> torch.Tensor:
+    # Locally typical sampling: rank tokens by how far their surprisal -log p(x) lies
+    # from the entropy H, keep the closest ones until their mass reaches `mass`.
+    logp = torch.log_softmax(z, dim=-1)
+    h = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
+    distance = (-logp - h).abs()
+    sorted_distance, order = torch.sort(distance, descending=False)
+    cum = z.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass).sum(dim=-1, keepdim=True).clamp_(max=z.shape[-1] - 1)
+    sorted_remove = sorted_distance > sorted_distance.gather(-1, last)
+    sorted_remove[..., 0] = False
+    remove = sorted_remove.scatter(-1, order, sorted_remove)
+    return z.masked_fill(remove, float("-inf"))
+
+
+def _epsilon(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    remove = _keep_top1(z.softmax(dim=-1) < epsilon, z)
+    return z.masked_fill(remove, float("-inf"))
+
+
+def _eta(z: torch.Tensor, eta: float) -> torch.Tensor:
+    # Hewitt et al.'s eta-sampling: the cutoff falls with the entropy H of the row,
+    # min(eta, sqrt(eta) * exp(-H)). Entropy computed the way torch.distributions does.
+    logp = z - z.logsumexp(dim=-1, keepdim=True)
+    p = torch.softmax(logp, dim=-1)
+    h = -(logp.clamp(min=torch.finfo(z.dtype).min) * p).sum(dim=-1, keepdim=True)
+    eps = torch.tensor(eta, dtype=z.dtype, device=z.device)
+    cutoff = torch.minimum(eps, eps.sqrt() * torch.exp(-h))
+    remove = _keep_top1(z.softmax(dim=-1) < cutoff, z)
+    return z.masked_fill(remove, float("-inf"))
