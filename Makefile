@@ -1,0 +1,46 @@
+# The book's commands. `make book` and `make test` install what is missing first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MATHJAX_VERSION := 3.2.2
+INSTALLED := $(VENV)/.installed
+MATHJAX   := _build/.deps/static/mathjax/tex-chtml.js
+JB_FLAGS  := -W --keep-going
+
+.PHONY: install book test notebooks bench clean
+
+install: $(INSTALLED)
+
+# torch==2.13.0 is installed on its own first: on the project's machines that exact
+# version is a CPU build on local disk, so pip never downloads a multi-GB CUDA build.
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[book,dev]"
+	touch $@
+
+# MathJax comes from the npm registry at build time and is served from the book itself.
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "npm is needed to fetch MathJax (apt-get install npm)"; exit 1; }
+	rm -rf _build/.deps/npm _build/.deps/static/mathjax
+	mkdir -p _build/.deps/npm _build/.deps/static
+	npm install --prefix _build/.deps/npm --no-audit --no-fund --no-save --silent mathjax@$(MATHJAX_VERSION)
+	cp -r _build/.deps/npm/node_modules/mathjax/es5 _build/.deps/static/mathjax
+
+book: $(INSTALLED) $(MATHJAX)
+	$(BIN)/jupyter-book build . $(JB_FLAGS)
+	@echo "The book is in _build/html/index.html"
+
+# Unit, statistical and property tests; nbval on every notebook (lax: only cells marked
+# NBVAL_CHECK_OUTPUT have their output compared); then the book build and its checks,
+# including the headless-Chromium page check.
+test: book
+	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+# Re-execute every notebook in place, storing fresh outputs.
+notebooks: $(INSTALLED)
+	cd notebooks && for nb in [0-9]*.ipynb; do ../$(BIN)/jupyter-execute --inplace --timeout=600 "$$nb" || exit 1; done
+
+clean:
+	rm -rf _build
