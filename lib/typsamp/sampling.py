@@ -19,7 +19,9 @@ argument           transformers warper         keeps token x when ...
 ``eta``            ``EtaLogitsWarper``         p(x) >= min(eta, sqrt(eta) * exp(-H))
 =================  ==========================  ==========================================
 
-Every rule keeps at least the most likely token. ``temperature=0`` means greedy: a
+Every rule keeps at least one token. All but one also always keep the most likely
+token; locally typical sampling (``typical_p``) can drop it, because it keeps tokens
+whose surprisal is close to the entropy (chapter 2 shows when). ``temperature=0`` means greedy: a
 one-hot vector on the argmax; among tied maxima the lowest index wins (the rule of
 ``torch.argmax``), and the truncation arguments are still validated but cannot change
 a one-hot result.
@@ -35,7 +37,7 @@ import torch
 
 from typsamp import checks
 
-__all__ = ["probs", "entropy", "sample"]
+__all__ = ["probs", "entropy", "sample", "sample_weights"]
 
 
 def probs(
@@ -126,12 +128,21 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     checks.probs("probs", probs)
     generator = checks.generator("generator", generator, probs.device)
     dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    p = probs.to(dtype)
-    race = torch.empty_like(p).exponential_(1.0, generator=generator)
-    # An Exponential(1) draw of exactly 0 (possible in floating point) would give p/0:
-    # keep it positive so a zero-probability token still scores 0 and cannot win.
-    race.clamp_(min=torch.finfo(dtype).tiny)
-    return (p / race).argmax(dim=-1)
+    return sample_weights(probs.to(dtype), generator)
+
+
+def sample_weights(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`sample` for non-negative ``weights`` [..., V] that need not sum to 1.
+
+    Row x is drawn with probability weights[x] / sum(weights). No input checks and no
+    host synchronisation: this is the kernel the verification rules call in their hot
+    path, on weights they built themselves. A row of zeros returns index 0.
+    """
+    race = torch.empty_like(weights).exponential_(1.0, generator=generator)
+    # An Exponential(1) draw of exactly 0 (possible in floating point) would give w/0:
+    # keep it positive so a zero-weight token still scores 0 and cannot win.
+    race.clamp_(min=torch.finfo(weights.dtype).tiny)
+    return (weights / race).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------
