@@ -91,7 +91,17 @@ def probs(
         return out.reshape(shape)
 
     if temperature != 1.0:
-        z = z / temperature
+        scaled = z / temperature
+        # A tiny temperature can overflow z / T to +inf (or, in float32, T itself can
+        # round to 0), which softmax turns into NaN. Rows where that happened are
+        # computed from (z - max z) / T instead: the same distribution, with entries
+        # <= 0 that can only underflow, and 0/0 at the maxima read as 0.
+        overflow = (torch.isposinf(scaled) | torch.isnan(scaled)).any(dim=-1, keepdim=True)
+        if overflow.any():
+            shifted = (z - z.amax(dim=-1, keepdim=True)) / temperature
+            shifted = torch.where(torch.isnan(shifted), torch.zeros_like(shifted), shifted)
+            scaled = torch.where(overflow, shifted, scaled)
+        z = scaled
     if top_k is not None:
         z = _top_k(z, top_k)
     if top_p is not None and top_p < 1.0:
