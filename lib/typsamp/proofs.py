@@ -10,6 +10,12 @@ in ``tests/test_proofs.py`` assert the same.
 Chapter 1 (temperature): :func:`softmax_with_temperature`, :func:`shift_invariance`,
 :func:`identity_at_one`, :func:`greedy_limit`, :func:`uniform_limit`,
 :func:`entropy_derivative`.
+
+Chapter 3 (speculative sampling): :func:`min_plus_positive_part`,
+:func:`residual_mass`, :func:`one_position_exact`, :func:`one_position_by_region`,
+:func:`speculative_step_distribution` with :func:`autoregressive_distribution`,
+:func:`naive_match_rule`, :func:`expected_tokens_sum`, :func:`expected_tokens_limit`,
+:func:`point_mass_draft`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,18 @@ __all__ = [
     "greedy_limit",
     "uniform_limit",
     "entropy_derivative",
+    "min_plus_positive_part",
+    "residual_mass",
+    "one_position_exact",
+    "one_position_by_region",
+    "toy_tables",
+    "speculative_step_distribution",
+    "autoregressive_distribution",
+    "speculative_step_exact",
+    "naive_match_rule",
+    "expected_tokens_sum",
+    "expected_tokens_limit",
+    "point_mass_draft",
 ]
 
 T = sp.Symbol("T", positive=True)
@@ -42,6 +60,8 @@ class Claim:
     def holds(self) -> bool:
         """True when sympy proves ``lhs - rhs`` is identically zero."""
         difference = sp.simplify(self.lhs.doit() - self.rhs)
+        if isinstance(difference, sp.MatrixBase):
+            return difference.is_zero_matrix is True
         return difference == 0
 
     def _repr_latex_(self) -> str:
@@ -125,3 +145,287 @@ def entropy_derivative(V: int = 3) -> Claim:
     mean = sp.Add(*[px * zx for px, zx in zip(p, z)])
     variance = sp.Add(*[px * (zx - mean) ** 2 for px, zx in zip(p, z)])
     return Claim("dH/dT", sp.Derivative(entropy, T), variance / T**3)
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 3: speculative sampling
+#
+# One position: the draft proposes x ~ q; it is kept with probability min(1, p(x)/q(x));
+# otherwise a token is drawn from the residual (p - q)_+ / sum (p - q)_+. Then
+#   P(emit x) = q(x) min(1, p(x)/q(x)) + P(reject) (p(x) - q(x))_+ / sum_y (p(y) - q(y))_+
+#             = min(p(x), q(x))      + (1 - alpha)  (p(x) - q(x))_+ / (1 - alpha)
+#             = p(x),
+# using two facts: min(a, b) + (a - b)_+ = a, and sum_y (p - q)_+ = 1 - alpha when both
+# sum to 1 (sum the first fact over y).
+
+
+def _positive_part(e):
+    return sp.Max(e, 0)
+
+
+def min_plus_positive_part() -> list[Claim]:
+    """min(a, b) + (a - b)_+ = a, in both cases a >= b and a < b."""
+    a = sp.Symbol("a", real=True)
+    d = sp.Symbol("d", nonnegative=True)
+    e = sp.Symbol("e", positive=True)
+    claims = []
+    for case, b in (("a >= b", a - d), ("a < b", a + e)):
+        claims.append(Claim(f"min(a,b) + (a-b)+ = a when {case}", sp.Min(a, b) + _positive_part(a - b), a))
+    return claims
+
+
+def _distribution(name: str, V: int) -> list[sp.Expr]:
+    """A symbolic distribution on V tokens: V - 1 free positive entries, the last 1 - rest."""
+    free = list(sp.symbols(f"{name}1:{V}", positive=True))
+    return free + [1 - sp.Add(*free)]
+
+
+def residual_mass(V: int = 3) -> Claim:
+    """sum_y (p(y) - q(y))_+ = 1 - sum_y min(p(y), q(y)), from min + (.)_+ = identity.
+
+    Summing min(p, q) + (p - q)_+ = p over y gives the claim with sum p = 1; stated here
+    term by term (Max/Min unevaluated), which sympy proves via the same identity.
+    """
+    p = _distribution("p", V)
+    q = _distribution("q", V)
+    lhs = sp.Add(*[_positive_part(px - qx) for px, qx in zip(p, q)])
+    rhs = 1 - sp.Add(*[sp.Min(px, qx) for px, qx in zip(p, q)])
+    return Claim("sum (p-q)+ = 1 - alpha", lhs.rewrite(sp.Piecewise), rhs.rewrite(sp.Piecewise))
+
+
+def _one_position_output(p, q):
+    """P(emit x) for every x, as expressions in the entries of p and q."""
+    alpha = sp.Add(*[sp.Min(px, qx) for px, qx in zip(p, q)])
+    residual = [_positive_part(px - qx) for px, qx in zip(p, q)]
+    total = sp.Add(*residual)
+    return [sp.Min(px, qx) + (1 - alpha) * r / total for px, qx, r in zip(p, q, residual)]
+
+
+def one_position_exact(V: int = 3) -> list[Claim]:
+    """General V, argued in the two lemmas: P(emit x) = min(p, q) + (p - q)_+ = p(x).
+
+    The claims here are the final step, min(p(x), q(x)) + (1 - alpha) * r(x) / (1 - alpha)
+    = p(x), with alpha and the residual mass left symbolic (alpha < 1).
+    """
+    px, qx = sp.symbols("p_x q_x", nonnegative=True)
+    alpha = sp.Symbol("alpha", nonnegative=True)
+    residual_total = 1 - alpha                                   # lemma: residual_mass
+    emitted = sp.Min(px, qx) + (1 - alpha) * _positive_part(px - qx) / residual_total
+    d = sp.Symbol("d", nonnegative=True)
+    e = sp.Symbol("e", positive=True)
+    return [
+        Claim("P(emit x) = p(x) when p(x) >= q(x)", emitted.subs(qx, px - d), px),
+        Claim("P(emit x) = p(x) when p(x) < q(x)", emitted.subs(qx, px + e), px),
+    ]
+
+
+def one_position_by_region(V: int = 3) -> list[tuple[tuple[bool, ...], list[Claim]]]:
+    """Exhaustive check for symbolic p, q on V tokens, in every ordering region.
+
+    A region fixes, for each token, whether p(x) >= q(x) or p(x) < q(x); inside it every
+    min and (.)_+ is a plain expression. Regions with every p >= q force p = q (then
+    alpha = 1, no rejection, and P(emit x) = min(p, q) = p(x)); regions with every p < q
+    are empty because both sum to 1. Returns ``[(region, claims), ...]``.
+    """
+    import itertools
+
+    if V < 2:
+        raise ValueError(f"`V` must be >= 2, got {V}")
+    p = _distribution("p", V)
+    q = _distribution("q", V)
+    out = []
+    for region in itertools.product((True, False), repeat=V):
+        if not any(region):
+            continue                                         # sum p < sum q: impossible
+        if all(region):
+            claims = [Claim(f"x{i + 1}: p = q, P(emit) = min(p, q)", px, px) for i, px in enumerate(p)]
+            out.append((region, claims))
+            continue
+        mins = [qx if ge else px for px, qx, ge in zip(p, q, region)]
+        residual = [px - qx if ge else sp.Integer(0) for px, qx, ge in zip(p, q, region)]
+        alpha = sp.Add(*mins)
+        total = sp.Add(*residual)
+        emitted = [m + (1 - alpha) * r / total for m, r in zip(mins, residual)]
+        out.append((region, [Claim(f"x{i + 1}", e, px) for i, (e, px) in enumerate(zip(emitted, p))]))
+    return out
+
+
+# Several positions: exact distribution of one speculative step on a toy model.
+
+
+def toy_tables(V: int = 3, gamma: int = 2, seed: int = 0):
+    """Fixed toy conditional tables for a target p and a draft q, in exact rationals.
+
+    Returns ``(p, q)``: dicts mapping a prefix (tuple of tokens, length 0..gamma for p,
+    0..gamma-1 for q) to a list of V Fractions-as-sympy-Rationals summing to 1. The
+    entries are small integers normalised, drawn from a seeded generator so the tables
+    are arbitrary but fixed; every entry is positive.
+    """
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+
+    def row():
+        w = [rng.randint(1, 9) for _ in range(V)]
+        return [sp.Rational(x, sum(w)) for x in w]
+
+    p = {pre: row() for n in range(gamma + 1) for pre in itertools.product(range(V), repeat=n)}
+    q = {pre: row() for n in range(gamma) for pre in itertools.product(range(V), repeat=n)}
+    return p, q
+
+
+def autoregressive_distribution(p, V: int, length: int) -> dict[tuple[int, ...], sp.Expr]:
+    """P(x_1..x_length) = prod_i p(x_i | x_<i), the target sampling on its own."""
+    import itertools
+
+    return {
+        seq: sp.Mul(*[p[seq[:i]][seq[i]] for i in range(length)])
+        for seq in itertools.product(range(V), repeat=length)
+    }
+
+
+def speculative_step_distribution(p, q, V: int, gamma: int, accept=None) -> dict[tuple[int, ...], sp.Expr]:
+    """Exact distribution of γ+1 tokens: one speculative step, then the target itself.
+
+    The step emits 1..γ+1 tokens; to compare with sampling γ+1 tokens from the target,
+    the shorter outputs are continued by the target sampling on its own (which is what
+    the next steps amount to, in distribution). Enumerates every draft, accept/reject
+    outcome and resample in exact rational arithmetic.
+
+    ``accept(p_x, q_x)`` is the probability of keeping a draft x; the default is
+    speculative sampling's min(1, p(x)/q(x)). Passing another rule (say, always 1)
+    shows what goes wrong without it.
+    """
+    if accept is None:
+        def accept(px, qx):
+            return sp.Min(1, px / qx)
+    import itertools
+
+    out: dict[tuple[int, ...], sp.Expr] = {
+        seq: sp.Integer(0) for seq in itertools.product(range(V), repeat=gamma + 1)
+    }
+    continuation = {
+        n: autoregressive_distribution_from(p, V, gamma + 1, n) for n in range(1, gamma + 2)
+    }
+
+    def walk(prefix, prob, i):
+        if i == gamma:                                   # all accepted: bonus from p_{γ+1}
+            for y in range(V):
+                add(prefix + (y,), prob * p[prefix][y])
+            return
+        pi, qi = p[prefix], q[prefix]
+        residual = [sp.Max(a - b, 0) for a, b in zip(pi, qi)]
+        total = sp.Add(*residual)
+        for x in range(V):
+            keep = accept(pi[x], qi[x])
+            walk(prefix + (x,), prob * qi[x] * keep, i + 1)          # draft x, accepted
+            reject = prob * qi[x] * (1 - keep)
+            if reject != 0:
+                for y in range(V):                                    # rejected: resample
+                    add(prefix + (y,), reject * residual[y] / total)
+
+    def add(emitted, prob):
+        for tail, cont in continuation[len(emitted)].items():
+            out[emitted + tail] += prob * cont(emitted)
+
+    walk((), sp.Integer(1), 0)
+    return out
+
+
+def autoregressive_distribution_from(p, V: int, length: int, start: int):
+    """{tail: f(prefix)} giving P(tail | prefix) for the target continuing from ``start`` tokens."""
+    import itertools
+
+    def factory(tail):
+        def cont(prefix):
+            seq = prefix + tail
+            return sp.Mul(*[p[seq[:i]][seq[i]] for i in range(start, length)])
+        return cont
+
+    return {tail: factory(tail) for tail in itertools.product(range(V), repeat=length - start)}
+
+
+def speculative_step_exact(V: int = 3, gamma: int = 2, seed: int = 0, accept=None) -> Claim:
+    """One speculative step (then the target) has exactly the target's distribution."""
+    p, q = toy_tables(V, gamma, seed)
+    spec = speculative_step_distribution(p, q, V, gamma, accept)
+    auto = autoregressive_distribution(p, V, gamma + 1)
+    keys = sorted(auto)
+    return Claim(
+        f"speculative step = target, V={V}, gamma={gamma}",
+        sp.Matrix([spec[k] for k in keys]),
+        sp.Matrix([auto[k] for k in keys]),
+    )
+
+
+def naive_match_rule(V: int = 3) -> list[Claim]:
+    """'Accept the draft if the target's own sample equals it' vs rejection sampling.
+
+    Draft x ~ q and target sample y ~ p, independent: the naive rule accepts with
+    probability sum_x p(x) q(x), which is sum p^2 < 1 when q = p (unless p is one-hot):
+    1 - sum p^2 = sum_{x != y} p(x) p(y). Rejection sampling with q = p accepts with
+    sum min(p, p) = 1.
+    """
+    p = _distribution("p", V)
+    q = _distribution("q", V)
+    x = list(range(V))
+    naive = sp.Add(*[q[i] * p[i] for i in x])                  # P(y = x), independent draws
+    naive_self = naive.subs({qs: ps for qs, ps in zip(q[:-1], p[:-1])})
+    off_diagonal = sp.Add(*[p[i] * p[j] for i in x for j in x if i != j])
+    return [
+        Claim("naive acceptance with q = p", naive_self, sp.Add(*[pi**2 for pi in p])),
+        Claim("1 - sum p^2", 1 - naive_self, off_diagonal),
+        Claim("rejection sampling with q = p", sp.Add(*[sp.Min(pi, pi) for pi in p]), sp.Integer(1)),
+    ]
+
+
+ALPHA = sp.Symbol("alpha", positive=True)
+GAMMA = sp.Symbol("gamma", positive=True, integer=True)
+
+
+def expected_tokens_sum() -> list[Claim]:
+    """E[tokens per step] = sum_{k=0}^{γ} α^k = (1 - α^{γ+1}) / (1 - α).
+
+    With i.i.d. acceptances of probability α, P(at least k drafts accepted) = α^k for
+    k <= γ; tokens emitted = accepted + 1, and E[accepted + 1] = sum_{k=0}^{γ}
+    P(accepted >= k). Also checked against the explicit distribution
+    P(emit k + 1) = α^k (1 - α) for k < γ and α^γ for k = γ, for γ = 1..6.
+    """
+    k = sp.Symbol("k", integer=True, nonnegative=True)
+    closed = (1 - ALPHA ** (GAMMA + 1)) / (1 - ALPHA)
+    with_limit = sp.Piecewise((GAMMA + 1, sp.Eq(ALPHA, 1)), (closed, True))
+    claims = [Claim("sum_{k=0}^{gamma} alpha^k", sp.Sum(ALPHA**k, (k, 0, GAMMA)), with_limit)]
+    for g in range(1, 7):
+        explicit = sp.Add(*[(j + 1) * ALPHA**j * (1 - ALPHA) for j in range(g)]) + (g + 1) * ALPHA**g
+        claims.append(Claim(f"E[tokens], gamma={g}", explicit, closed.subs(GAMMA, g)))
+    return claims
+
+
+def expected_tokens_limit() -> Claim:
+    """lim_{γ -> oo} (1 - α^{γ+1}) / (1 - α) = 1 / (1 - α) for 0 < α < 1."""
+    a = sp.Symbol("alpha", positive=True)
+    # 0 < alpha < 1 written as alpha = 1 / (1 + s), s > 0, so sympy knows alpha^gamma -> 0.
+    s = sp.Symbol("s", positive=True)
+    closed = ((1 - a ** (GAMMA + 1)) / (1 - a)).subs(a, 1 / (1 + s))
+    return Claim("lim gamma->oo E[tokens]", sp.Limit(closed, GAMMA, sp.oo), (1 / (1 - a)).subs(a, 1 / (1 + s)))
+
+
+def point_mass_draft(V: int = 3) -> list[Claim]:
+    """A deterministic draft x̂ (q = one-hot): accepted with p(x̂); output still exactly p.
+
+    P(emit x) = p(x̂) 1[x = x̂] + (1 - p(x̂)) p(x) 1[x != x̂] / (1 - p(x̂)) = p(x), which is
+    the general formula with q = one-hot(x̂): min(p, q) = p(x̂) at x̂ and 0 elsewhere, and
+    the residual (p - q)_+ is p with x̂ removed.
+    """
+    p = _distribution("p", V)
+    hat = 0                       # the draft token x̂; q = one-hot(x̂)
+    # Inside the simplex every p(x) <= 1, so min(p(x̂), 1) = p(x̂) and (p(x̂) - 1)_+ = 0.
+    mins = [p[i] if i == hat else sp.Integer(0) for i in range(V)]
+    residual = [sp.Integer(0) if i == hat else p[i] for i in range(V)]
+    alpha = sp.Add(*mins)
+    total = sp.Add(*residual)
+    emitted = [m + (1 - alpha) * r / total for m, r in zip(mins, residual)]
+    claims = [Claim("acceptance of x̂ = sum min(p, q)", alpha, p[hat])]
+    claims += [Claim(f"P(emit x{i + 1})", e, p[i]) for i, e in enumerate(emitted)]
+    return claims
