@@ -38,6 +38,13 @@ book: $(INSTALLED) $(MATHJAX)
 test: book
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
+# Speed measurements, side by side in one run, written as JSON under notebooks/results/
+# (with the machine described); on a CUDA machine the GPU is measured too.
+bench: $(INSTALLED)
+	$(BIN)/python -m typsamp.bench verify
+	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		$(BIN)/python -m typsamp.bench verify --device cuda; fi
+
 # Re-execute every notebook in place, storing fresh outputs.
 notebooks: $(INSTALLED)
 	cd notebooks && for nb in [0-9]*.ipynb; do ../$(BIN)/jupyter-execute --inplace --timeout=600 "$$nb" || exit 1; done

@@ -1,5 +1,7 @@
 """The sympy claims behind chapter 1 hold, and a wrong claim is reported as wrong."""
 
+import itertools
+
 import pytest
 import sympy as sp
 
@@ -46,3 +48,115 @@ def test_claim_renders_as_latex():
 def test_too_small_vocabulary_is_rejected(V):
     with pytest.raises(ValueError, match="V"):
         proofs.greedy_limit(V)
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 3: speculative sampling
+
+
+def test_min_plus_positive_part_holds():
+    claims = proofs.min_plus_positive_part()
+    assert len(claims) == 2
+    for claim in claims:
+        assert claim.holds(), str(claim)
+
+
+@pytest.mark.parametrize("V", [2, 3, 4])
+def test_one_position_claims_hold(V):
+    assert proofs.residual_mass(V).holds()
+    for claim in proofs.one_position_exact() + proofs.naive_match_rule(V) + proofs.point_mass_draft(V):
+        assert claim.holds(), str(claim)
+
+
+@pytest.mark.parametrize("V", [2, 3, 4])
+def test_one_position_by_region_holds(V):
+    regions = proofs.one_position_by_region(V)
+    # Every sign pattern of p - q except "all p < q" (impossible when both sum to 1).
+    assert sorted(region for region, _ in regions) == sorted(
+        r for r in itertools.product((True, False), repeat=V) if any(r))
+    for region, claims in regions:
+        assert len(claims) == (V + 2 if all(region) else V)  # p = q region: two extra claims
+        for claim in claims:
+            assert claim.holds(), f"{region}: {claim}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("V, gamma", [(3, 2), (2, 3), (4, 2)])
+def test_speculative_step_exact_holds(V, gamma, seed):
+    claim = proofs.speculative_step_exact(V, gamma, seed)
+    assert claim.lhs.shape == (V ** (gamma + 1), 1)
+    assert sp.simplify(sum(claim.lhs)) == 1          # a distribution over the V^(γ+1) sequences
+    assert claim.holds()
+
+
+def test_toy_tables_are_fixed_distinct_distributions():
+    p, q = proofs.toy_tables(3, 2, seed=0)
+    assert len(p) == 1 + 3 + 9 and len(q) == 1 + 3
+    for row in [*p.values(), *q.values()]:
+        assert sum(row) == 1 and all(x > 0 for x in row)
+    assert proofs.toy_tables(3, 2, seed=0) == (p, q)
+    assert proofs.toy_tables(3, 2, seed=1)[0] != p
+
+
+def test_expected_tokens_claims_hold():
+    claims = proofs.expected_tokens_sum()
+    assert len(claims) == 7
+    for claim in claims:
+        assert claim.holds(), str(claim)
+    assert proofs.expected_tokens_limit().holds()
+
+
+@pytest.mark.parametrize("accept", [
+    lambda p, q: 1,                                  # keep every draft: the output is q, not p
+    lambda p, q: p,                                  # keep with probability p(x)
+    lambda p, q: sp.Min(1, q / p),                   # the ratio upside down
+], ids=["always", "p", "q/p"])
+def test_speculative_step_with_a_wrong_acceptance_rule_fails(accept):
+    claim = proofs.speculative_step_exact(3, 2, seed=0, accept=accept)
+    assert sp.simplify(sum(claim.lhs)) == 1          # still a distribution, just the wrong one
+    assert not claim.holds()
+
+
+def test_wrong_chapter3_claims_fail():
+    # Perturbed right-hand sides: the checks are not vacuous.
+    residual = proofs.residual_mass(3)
+    assert not proofs.Claim("residual = alpha", residual.lhs, 1 - residual.rhs).holds()
+    step = proofs.speculative_step_exact(3, 2, seed=0)
+    nudged = step.rhs.copy()
+    nudged[0], nudged[1] = nudged[0] + sp.Rational(1, 1000), nudged[1] - sp.Rational(1, 1000)
+    assert not proofs.Claim("nudged target", step.lhs, nudged).holds()
+    closed = proofs.expected_tokens_sum()[3]                  # gamma = 3
+    wrong = (1 - proofs.ALPHA**3) / (1 - proofs.ALPHA)        # off by one in the exponent
+    assert not proofs.Claim("wrong closed form", closed.lhs, wrong).holds()
+    limit = proofs.expected_tokens_limit()
+    assert not proofs.Claim("wrong limit", limit.lhs, limit.rhs**2).holds()
+    point = proofs.point_mass_draft(3)[0]                     # acceptance of x̂ is p(x̂), not 1
+    assert not proofs.Claim("point mass always kept", point.lhs, sp.Integer(1)).holds()
+    for claim in proofs.one_position_by_region(3)[1][1]:
+        assert not proofs.Claim("region, doubled", claim.lhs, 2 * claim.rhs).holds()
+
+
+def test_resampling_from_p_instead_of_the_residual_is_wrong():
+    """The same one-position formula with r = p instead of (p - q)_+ is false: symbolically
+    in the region p1 >= q1, p2 < q2 (V = 2), and at a concrete point of it."""
+    p1, q1 = sp.symbols("p1 q1", positive=True)
+    p, q = [p1, 1 - p1], [q1, 1 - q1]
+    mins = [q1, 1 - p1]                                       # the region p1 >= q1
+    alpha = sum(mins)
+
+    def emitted(residual):
+        return [m + (1 - alpha) * r / sum(residual) for m, r in zip(mins, residual)]
+
+    right = emitted([p1 - q1, sp.Integer(0)])
+    wrong = emitted(p)
+    for x in range(2):
+        assert proofs.Claim("residual (p-q)+", right[x], p[x]).holds()
+        assert not proofs.Claim("residual p", wrong[x], p[x]).holds()
+    point = {p1: sp.Rational(3, 5), q1: sp.Rational(1, 5)}
+    assert [e.subs(point) for e in right] == [sp.Rational(3, 5), sp.Rational(2, 5)]
+    assert wrong[0].subs(point) != sp.Rational(3, 5)
+
+
+def test_chapter3_claims_render_as_latex():
+    assert proofs.speculative_step_exact(2, 1)._repr_latex_().startswith("$")
+    assert "\\sum" in proofs.expected_tokens_sum()[0]._repr_latex_()

@@ -3,10 +3,13 @@
 One module per idea; each chapter of the book uses the module named in DESIGN.md:
 
 * :mod:`typsamp.sampling`  temperature, truncation (top-k, top-p, min-p, epsilon, eta,
-  locally typical), entropy and sampling.
+  locally typical), entropy and sampling (chapters 1-2).
+* :mod:`typsamp.speculative`  speculative sampling's verification and its theory (chapter 3).
+* :mod:`typsamp.proofs`  the sympy checks the chapters display (imported on demand).
+* :mod:`typsamp.bench`  the benchmarks behind ``make bench`` (imported on demand).
 """
 
-from typsamp import sampling
+from typsamp import sampling, speculative
 
 __version__ = "0.1.0"
-__all__ = ["sampling", "__version__"]
+__all__ = ["sampling", "speculative", "__version__"]

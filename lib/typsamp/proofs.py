@@ -201,7 +201,7 @@ def _one_position_output(p, q):
     return [sp.Min(px, qx) + (1 - alpha) * r / total for px, qx, r in zip(p, q, residual)]
 
 
-def one_position_exact(V: int = 3) -> list[Claim]:
+def one_position_exact() -> list[Claim]:
     """General V, argued in the two lemmas: P(emit x) = min(p, q) + (p - q)_+ = p(x).
 
     The claims here are the final step, min(p(x), q(x)) + (1 - alpha) * r(x) / (1 - alpha)
@@ -223,9 +223,10 @@ def one_position_by_region(V: int = 3) -> list[tuple[tuple[bool, ...], list[Clai
     """Exhaustive check for symbolic p, q on V tokens, in every ordering region.
 
     A region fixes, for each token, whether p(x) >= q(x) or p(x) < q(x); inside it every
-    min and (.)_+ is a plain expression. Regions with every p >= q force p = q (then
-    alpha = 1, no rejection, and P(emit x) = min(p, q) = p(x)); regions with every p < q
-    are empty because both sum to 1. Returns ``[(region, claims), ...]``.
+    min and (.)_+ is a plain expression. In the region where every p >= q, the claims
+    are that the differences p - q, each >= 0, sum to exactly 0 (so p = q), and that
+    with q = p the step emits min(p, p) = p(x) with no rejection (alpha = 1). The region
+    where every p < q is empty because both sum to 1. Returns ``[(region, claims), ...]``.
     """
     import itertools
 
@@ -238,7 +239,12 @@ def one_position_by_region(V: int = 3) -> list[tuple[tuple[bool, ...], list[Clai
         if not any(region):
             continue                                         # sum p < sum q: impossible
         if all(region):
-            claims = [Claim(f"x{i + 1}: p = q, P(emit) = min(p, q)", px, px) for i, px in enumerate(p)]
+            claims = [Claim("sum (p - q) = 0 when every p >= q", sp.Add(*[px - qx for px, qx in zip(p, q)]), 0)]
+            same = dict(zip(q[:-1], p[:-1]))
+            alpha = sp.Add(*[sp.Min(px, qx) for px, qx in zip(p, q)]).subs(same)
+            claims.append(Claim("alpha = 1 when q = p", alpha, 1))
+            claims += [Claim(f"x{i + 1}: P(emit) = min(p, q) with q = p", sp.Min(px, qx).subs(same), px)
+                       for i, (px, qx) in enumerate(zip(p, q))]
             out.append((region, claims))
             continue
         mins = [qx if ge else px for px, qx, ge in zip(p, q, region)]

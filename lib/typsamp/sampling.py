@@ -131,28 +131,32 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token index from each row of ``probs`` [..., V]; returns int64 [...].
 
-    Uses the exponential race: with E_x i.i.d. Exponential(1), argmax_x p(x) / E_x is
-    distributed exactly as p. It needs one random number per entry, no cumulative sum
-    and no host synchronisation, and a zero-probability token can never win.
+    Inverse-CDF sampling with one uniform number per row (see :func:`sample_weights`):
+    no host synchronisation, and a zero-probability token is never returned.
     """
     checks.probs("probs", probs)
     generator = checks.generator("generator", generator, probs.device)
-    dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    return sample_weights(probs.to(dtype), generator)
+    return sample_weights(probs, generator)
 
 
 def sample_weights(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """:func:`sample` for non-negative ``weights`` [..., V] that need not sum to 1.
 
-    Row x is drawn with probability weights[x] / sum(weights). No input checks and no
-    host synchronisation: this is the kernel the verification rules call in their hot
-    path, on weights they built themselves. A row of zeros returns index 0.
+    Row x is drawn with probability weights[x] / sum(weights): the first index whose
+    cumulative weight exceeds u * total, with u uniform in [0, 1). The cumulative sum
+    runs in float64, so even a 256k-token vocabulary of float32 probabilities keeps its
+    tiny entries distinct (a float32 running sum near 0.5 cannot resolve steps below
+    6e-8), and u * total is kept strictly below the total, so the chosen index always
+    has positive weight. One random number per row, no host synchronisation and no
+    input checks: this is the kernel the verification rules call in their hot path, on
+    weights they built themselves. A row of zeros returns index 0.
     """
-    race = torch.empty_like(weights).exponential_(1.0, generator=generator)
-    # An Exponential(1) draw of exactly 0 (possible in floating point) would give w/0:
-    # keep it positive so a zero-weight token still scores 0 and cannot win.
-    race.clamp_(min=torch.finfo(weights.dtype).tiny)
-    return (weights / race).argmax(dim=-1)
+    cdf = weights.to(torch.float64).cumsum(dim=-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=weights.device, generator=generator) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    index = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return torch.where(index < weights.shape[-1], index, 0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def check_step(draft_tokens, draft_probs, target_probs, generator, validate: boo
     V = target_probs.shape[-1]
     if V < 1:
         raise ValueError("`target_probs` has an empty vocabulary dimension")
-    devices = {draft_tokens.device, target_probs.device}
+    devices = {"draft_tokens": draft_tokens.device, "target_probs": target_probs.device}
     if draft_probs is not None:
         checks.tensor("draft_probs", draft_probs, floating=True)
         if draft_probs.dim() != 3 or tuple(draft_probs.shape[:2]) != (B, gamma):
@@ -102,9 +102,10 @@ def check_step(draft_tokens, draft_probs, target_probs, generator, validate: boo
                 f"draft and target vocabularies differ: `draft_probs` has V = {draft_probs.shape[-1]}, "
                 f"`target_probs` has V = {V}"
             )
-        devices.add(draft_probs.device)
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+        devices["draft_probs"] = draft_probs.device
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"`{name}` on {device}" for name, device in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
     checks.generator("generator", generator, target_probs.device)
     if validate:
         if B > 0 and (int(draft_tokens.min()) < 0 or int(draft_tokens.max()) >= V):
@@ -269,6 +270,8 @@ def speedup(alpha, gamma, c) -> torch.Tensor:
 
     ``c`` is the cost of one draft forward pass relative to one target pass.
     """
+    if isinstance(c, bool) or (isinstance(c, torch.Tensor) and c.dtype == torch.bool):
+        raise checks.InputTypeError("`c` must be a real number or tensor, got a bool")
     c = torch.as_tensor(c, dtype=torch.float64)
     if torch.isnan(c).any() or (c < 0).any():
         raise ValueError("`c` must be >= 0")

@@ -1,0 +1,161 @@
+"""Benchmarks behind the book's speed claims (``make bench``).
+
+Speed is shown by measurements taken side by side in one run and committed as JSON with
+the machine described, never by timed unit tests. Each sub-command writes one file
+under ``notebooks/results/``, which the chapters load and cite.
+
+    python -m typsamp.bench verify [--device cpu|cuda] [--out PATH] [--repeats N]
+
+``verify``: the batched, vectorised :func:`typsamp.speculative.verify` against the
+loop-per-position :func:`typsamp.speculative.verify_reference`, for B in {1, 64},
+γ in {4, 8}, V in {84, 32000, 128256} (a character vocabulary, Llama 2's, Llama 3's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from typsamp import speculative
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "notebooks" / "results"
+
+VERIFY_GRID = {"B": (1, 64), "gamma": (4, 8), "V": (84, 32_000, 128_256)}
+
+
+def machine(device: str = "cpu") -> dict:
+    """Describe where a measurement ran: CPU, core count, threads, GPU, versions, commit."""
+    info = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timed(fn: Callable[[], object], device: str, repeats: int, min_seconds: float = 0.2) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after one warm-up call.
+
+    Runs at least ``repeats`` times and at least ``min_seconds`` in total (but no more
+    than 1000 times), synchronising CUDA around each call so the time is the kernel's.
+    """
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < repeats or (time.perf_counter() - start < min_seconds and len(samples) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _verify_inputs(B: int, gamma: int, V: int, device: str, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.softmax(2.0 * torch.randn(B, gamma, V, generator=gen), dim=-1)
+    # A target close to the draft, so acceptances and rejections both happen.
+    p = torch.empty(B, gamma + 1, V)
+    p[:, :gamma] = torch.softmax(q.log() + 0.7 * torch.randn(B, gamma, V, generator=gen), dim=-1)
+    p[:, gamma] = torch.softmax(2.0 * torch.randn(B, V, generator=gen), dim=-1)
+    x = torch.multinomial(q.reshape(-1, V), 1, generator=gen).reshape(B, gamma)
+    return x.to(device), q.to(device), p.to(device)
+
+
+def bench_verify(device: str = "cpu", repeats: int = 5) -> dict:
+    """verify (validated and unvalidated) against verify_reference over VERIFY_GRID."""
+    rows = []
+    grid = list(itertools.product(VERIFY_GRID["B"], VERIFY_GRID["gamma"], VERIFY_GRID["V"]))
+    for B, gamma, V in tqdm(grid, desc=f"verify on {device}"):
+        x, q, p = _verify_inputs(B, gamma, V, device)
+        gen = torch.Generator(device=device).manual_seed(1)
+        fast = timed(lambda: speculative.verify(x, q, p, gen, validate=False), device, repeats)
+        checked = timed(lambda: speculative.verify(x, q, p, gen), device, repeats)
+        reference = timed(lambda: speculative.verify_reference(x, q, p, gen), device, max(3, repeats // 2),
+                          min_seconds=0.0)
+        rows.append({
+            "device": device, "B": B, "gamma": gamma, "V": V,
+            "verify_ms": round(fast, 4),
+            "verify_validated_ms": round(checked, 4),
+            "reference_ms": round(reference, 4),
+            "speedup": round(reference / fast, 2),
+        })
+    return {
+        "benchmark": "speculative.verify vs speculative.verify_reference",
+        "command": f"python -m typsamp.bench verify --device {device}",
+        "method": ("median wall time per call after one warm-up, same inputs and generator for "
+                   "both; verify_ms uses validate=False (the serving path), verify_validated_ms "
+                   "checks every input value first; inputs are softmaxes of random logits with "
+                   "drafts sampled from q"),
+        "machine": machine(device),
+        "results": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m typsamp.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="speculative.verify against verify_reference")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    v.add_argument("--repeats", type=int, default=5, help="minimum timed calls per cell (default: 5)")
+    v.add_argument("--out", type=Path, default=None,
+                   help="output JSON (default: notebooks/results/verify_bench[_cuda].json)")
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU, and none is available")
+    suffix = "" if args.device == "cpu" else "_" + args.device.replace(":", "")
+    out = args.out or RESULTS / f"verify_bench{suffix}.json"
+    result = bench_verify(args.device, args.repeats)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for row in result["results"]:
+        print(f"B={row['B']:>3} gamma={row['gamma']} V={row['V']:>6}: verify {row['verify_ms']:8.3f} ms, "
+              f"reference {row['reference_ms']:9.2f} ms, speed-up {row['speedup']:7.1f}x")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
