@@ -47,6 +47,8 @@ def machine(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "device": device,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # 1-minute load average when the run started: other work on the machine skews timings
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }

@@ -159,8 +159,13 @@ def entropy_derivative(V: int = 3) -> Claim:
 # sum to 1 (sum the first fact over y).
 
 
-def _positive_part(e):
-    return sp.Max(e, 0)
+def _positive_part(e, evaluate: bool = True):
+    return sp.Max(e, 0, evaluate=evaluate)
+
+
+def _held(*terms):
+    """A sum kept exactly as written, so the claim displays the statement, not its value."""
+    return sp.Add(*terms, evaluate=False)
 
 
 def min_plus_positive_part() -> list[Claim]:
@@ -170,7 +175,8 @@ def min_plus_positive_part() -> list[Claim]:
     e = sp.Symbol("e", positive=True)
     claims = []
     for case, b in (("a >= b", a - d), ("a < b", a + e)):
-        claims.append(Claim(f"min(a,b) + (a-b)+ = a when {case}", sp.Min(a, b) + _positive_part(a - b), a))
+        lhs = _held(sp.Min(a, b, evaluate=False), _positive_part(a - b, evaluate=False))
+        claims.append(Claim(f"min(a,b) + (a-b)+ = a when {case}", lhs, a))
     return claims
 
 
@@ -207,15 +213,21 @@ def one_position_exact() -> list[Claim]:
     The claims here are the final step, min(p(x), q(x)) + (1 - alpha) * r(x) / (1 - alpha)
     = p(x), with alpha and the residual mass left symbolic (alpha < 1).
     """
-    px, qx = sp.symbols("p_x q_x", nonnegative=True)
+    px = sp.Symbol("p_x", nonnegative=True)
     alpha = sp.Symbol("alpha", nonnegative=True)
-    residual_total = 1 - alpha                                   # lemma: residual_mass
-    emitted = sp.Min(px, qx) + (1 - alpha) * _positive_part(px - qx) / residual_total
     d = sp.Symbol("d", nonnegative=True)
     e = sp.Symbol("e", positive=True)
+
+    def emitted(qx):
+        # min(p, q) + (1 - alpha) * (p - q)_+ / (1 - alpha); the denominator is the
+        # residual mass, 1 - alpha by the lemma `residual_mass`.
+        resample = sp.Mul(1 - alpha, _positive_part(px - qx, evaluate=False), sp.Pow(1 - alpha, -1),
+                          evaluate=False)
+        return _held(sp.Min(px, qx, evaluate=False), resample)
+
     return [
-        Claim("P(emit x) = p(x) when p(x) >= q(x)", emitted.subs(qx, px - d), px),
-        Claim("P(emit x) = p(x) when p(x) < q(x)", emitted.subs(qx, px + e), px),
+        Claim("P(emit x) = p(x) when p(x) >= q(x)", emitted(px - d), px),
+        Claim("P(emit x) = p(x) when p(x) < q(x)", emitted(px + e), px),
     ]
 
 
@@ -376,13 +388,16 @@ def naive_match_rule(V: int = 3) -> list[Claim]:
     p = _distribution("p", V)
     q = _distribution("q", V)
     x = list(range(V))
-    naive = sp.Add(*[q[i] * p[i] for i in x])                  # P(y = x), independent draws
-    naive_self = naive.subs({qs: ps for qs, ps in zip(q[:-1], p[:-1])})
+    del q                                                      # the claims take q = p
+    # P(y = x) for independent draws x ~ q, y ~ p is sum_x q(x) p(x); with q = p:
+    naive_self = _held(*[sp.Mul(pi, pi, evaluate=False) for pi in p])
+    squares = sp.Add(*[pi**2 for pi in p])
     off_diagonal = sp.Add(*[p[i] * p[j] for i in x for j in x if i != j])
     return [
-        Claim("naive acceptance with q = p", naive_self, sp.Add(*[pi**2 for pi in p])),
-        Claim("1 - sum p^2", 1 - naive_self, off_diagonal),
-        Claim("rejection sampling with q = p", sp.Add(*[sp.Min(pi, pi) for pi in p]), sp.Integer(1)),
+        Claim("naive acceptance with q = p", naive_self, squares),
+        Claim("1 - sum p^2", 1 - squares, off_diagonal),
+        Claim("rejection sampling with q = p", _held(*[sp.Min(pi, pi, evaluate=False) for pi in p]),
+              sp.Integer(1)),
     ]
 
 
@@ -429,9 +444,10 @@ def point_mass_draft(V: int = 3) -> list[Claim]:
     # Inside the simplex every p(x) <= 1, so min(p(x̂), 1) = p(x̂) and (p(x̂) - 1)_+ = 0.
     mins = [p[i] if i == hat else sp.Integer(0) for i in range(V)]
     residual = [sp.Integer(0) if i == hat else p[i] for i in range(V)]
-    alpha = sp.Add(*mins)
-    total = sp.Add(*residual)
-    emitted = [m + (1 - alpha) * r / total for m, r in zip(mins, residual)]
+    alpha = _held(*mins)
+    total = _held(*residual)
+    emitted = [_held(m, sp.Mul(1 - alpha, r, sp.Pow(total, -1), evaluate=False))
+               for m, r in zip(mins, residual)]
     claims = [Claim("acceptance of x̂ = sum min(p, q)", alpha, p[hat])]
     claims += [Claim(f"P(emit x{i + 1})", e, p[i]) for i, e in enumerate(emitted)]
     return claims
