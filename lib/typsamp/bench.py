@@ -5,10 +5,17 @@ the machine described, never by timed unit tests. Each sub-command writes one fi
 under ``notebooks/results/``, which the chapters load and cite.
 
     python -m typsamp.bench verify [--device cpu|cuda] [--out PATH] [--repeats N]
+    python -m typsamp.bench generate [--device cpu|cuda] [--out PATH] [--tokens N]
 
 ``verify``: the batched, vectorised :func:`typsamp.speculative.verify` against the
 loop-per-position :func:`typsamp.speculative.verify_reference`, for B in {1, 64},
 γ in {4, 8}, V in {84, 32000, 128256} (a character vocabulary, Llama 2's, Llama 3's).
+
+``generate``: the engine on the committed models at batch 1, T in {0, 1}, γ in {2, 4, 6}:
+ms per token of :func:`typsamp.generate.autoregressive` and of
+:func:`typsamp.generate.speculative` with each draft, the measured acceptance rate α and
+cost ratio c, the speed-up Leviathan et al.'s formula predicts from them, and the ratio
+measured / predicted, which shows how much the engine's own overhead costs.
 """
 
 from __future__ import annotations
@@ -136,6 +143,97 @@ def bench_verify(device: str = "cpu", repeats: int = 5) -> dict:
     }
 
 
+GENERATE_GRID = {"temperature": (0.0, 1.0), "gamma": (2, 4, 6), "draft": ("draft", "draft_small")}
+
+
+def forward_ms(model, context: int, new: int, device: str, repeats: int = 20) -> float:
+    """Median time of one cached forward pass of ``new`` tokens after ``context`` (batch 1)."""
+    model.setup_cache(1, context + new)
+    tokens = torch.zeros(1, context, dtype=torch.long, device=device)
+    step = torch.zeros(1, new, dtype=torch.long, device=device)
+    offset = torch.tensor([context], device=device)
+    with torch.inference_mode():
+        model(tokens, torch.zeros(1, dtype=torch.long, device=device))
+
+        def one():
+            model(step, offset)
+
+        return timed(one, device, repeats)
+
+
+def bench_generate(device: str = "cpu", tokens: int = 200, prompts: int = 3, seed: int = 0) -> dict:
+    """Autoregressive vs speculative decoding on the committed models, batch 1."""
+    from typsamp import generate, model as gpt
+    from typsamp.data import load_corpus
+
+    corpus = load_corpus()
+    target = gpt.load("target", device=device)
+    drafts = {name: gpt.load(name, device=device) for name in GENERATE_GRID["draft"]}
+    tokenizer = gpt.load_tokenizer("target")
+    # Prompts: the opening 64 characters of held-out text at fixed offsets.
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(corpus.val_ids) - 64, (prompts,), generator=gen).tolist()
+    prompt_list = [corpus.val_ids[s:s + 64][None].to(device) for s in starts]
+    context = 64 + tokens // 2
+    costs = {"target": forward_ms(target, context, 1, device)}
+    costs.update({name: forward_ms(m, context, 1, device) for name, m in drafts.items()})
+    verify_cost = {g: forward_ms(target, context, g + 1, device) for g in GENERATE_GRID["gamma"]}
+
+    def ms_per_token(run) -> float:
+        total_time = total_tokens = 0.0
+        for prompt in prompt_list:
+            out = run(prompt)
+            total_time += out.wall_time
+            total_tokens += out.tokens.numel()
+        return 1e3 * total_time / total_tokens
+
+    rows = []
+    cells = [(T, None, None) for T in GENERATE_GRID["temperature"]]
+    cells += list(itertools.product(GENERATE_GRID["temperature"], GENERATE_GRID["draft"], GENERATE_GRID["gamma"]))
+    for T, name, gamma in tqdm(cells, desc=f"generate on {device}"):
+        if name is None:
+            generate.autoregressive(target, prompt_list[0], 8, temperature=T, seed=seed)   # warm-up
+            ms = ms_per_token(lambda pr: generate.autoregressive(target, pr, tokens, temperature=T, seed=seed))
+            rows.append({"temperature": T, "method": "autoregressive", "ms_per_token": round(ms, 4)})
+            continue
+        draft = drafts[name]
+        stats = []
+
+        def run(pr):
+            out = generate.speculative(target, draft, pr, tokens, gamma=gamma, temperature=T, seed=seed)
+            stats.append(out)
+            return out
+
+        generate.speculative(target, draft, prompt_list[0], 8, gamma=gamma, temperature=T, seed=seed)
+        ms = ms_per_token(run)
+        alpha = sum(o.accepted for o in stats) / sum(o.drafted for o in stats)
+        c = costs[name] / costs["target"]
+        rows.append({
+            "temperature": T, "method": "speculative", "draft": name, "gamma": gamma,
+            "ms_per_token": round(ms, 4), "alpha": round(alpha, 4), "c": round(c, 4),
+            "tokens_per_step": round(sum(o.tokens.numel() for o in stats) / sum(o.steps for o in stats), 4),
+        })
+    baseline = {r["temperature"]: r["ms_per_token"] for r in rows if r["method"] == "autoregressive"}
+    for r in rows:
+        if r["method"] == "speculative":
+            r["speedup_measured"] = round(baseline[r["temperature"]] / r["ms_per_token"], 4)
+            r["speedup_predicted"] = round(float(speculative.speedup(r["alpha"], r["gamma"], r["c"])), 4)
+            r["measured_over_predicted"] = round(r["speedup_measured"] / r["speedup_predicted"], 4)
+    return {
+        "benchmark": "generate.autoregressive vs generate.speculative, batch 1",
+        "command": f"python -m typsamp.bench generate --device {device} --tokens {tokens}",
+        "method": (f"{prompts} prompts of 64 held-out characters, {tokens} new tokens each, one seed; "
+                   "ms/token = total wall time / total tokens (prefill included); c = median time "
+                   "of one cached one-token draft pass / one target pass at the mid-generation "
+                   "context; predicted speed-up = Leviathan et al. Thm 3.8 from the measured alpha "
+                   "and c, which assumes a gamma+1-token target pass costs one one-token pass"),
+        "forward_ms": {k: round(v, 4) for k, v in costs.items()},
+        "verify_pass_ms": {str(g): round(v, 4) for g, v in verify_cost.items()},
+        "machine": machine(device),
+        "results": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m typsamp.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,18 +242,25 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--repeats", type=int, default=5, help="minimum timed calls per cell (default: 5)")
     v.add_argument("--out", type=Path, default=None,
                    help="output JSON (default: notebooks/results/verify_bench[_cuda].json)")
+    g = sub.add_parser("generate", help="autoregressive vs speculative decoding on the committed models")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.add_argument("--tokens", type=int, default=200, help="new tokens per prompt (default: 200)")
+    g.add_argument("--out", type=Path, default=None,
+                   help="output JSON (default: notebooks/results/generate_bench[_cuda].json)")
     args = parser.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU, and none is available")
     suffix = "" if args.device == "cpu" else "_" + args.device.replace(":", "")
-    out = args.out or RESULTS / f"verify_bench{suffix}.json"
-    result = bench_verify(args.device, args.repeats)
+    out = args.out or RESULTS / f"{args.command}_bench{suffix}.json"
+    if args.command == "verify":
+        result = bench_verify(args.device, args.repeats)
+    else:
+        result = bench_generate(args.device, args.tokens)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for row in result["results"]:
-        print(f"B={row['B']:>3} gamma={row['gamma']} V={row['V']:>6}: verify {row['verify_ms']:8.3f} ms, "
-              f"reference {row['reference_ms']:9.2f} ms, speed-up {row['speedup']:7.1f}x")
+        print("  ".join(f"{k}={v}" for k, v in row.items() if k != "device"))
     print(f"wrote {out}")
 
 
