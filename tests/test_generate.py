@@ -128,6 +128,10 @@ def test_statistics_add_up(pair):
     lengths = out.accepted_lengths
     live = lengths >= 0
     assert out.accepted == int(lengths[live].sum())
+    # alpha counts only the drafts the rule judged: accepted ones plus one rejection per
+    # step that stopped early (the drafts after it are discarded unexamined)
+    assert out.examined == out.accepted + int((live & (lengths < 3)).sum())
+    assert out.alpha == out.accepted / out.examined and out.alpha >= out.accepted / out.drafted
     assert out.drafted == 3 * int(live.sum())
     assert out.steps == lengths.shape[0] and out.target_passes == out.steps + 1
     assert out.draft_passes == out.steps * 3 + 1         # γ passes a step, plus the prefill

@@ -48,6 +48,7 @@ class Generation:
         target_passes, draft_passes: forward passes, prefill included.
         drafted, accepted: draft tokens proposed and accepted, summed over rows, counting
             only steps in which a row still needed tokens (0 for autoregressive).
+        gamma: draft tokens per step (0 for autoregressive).
         accepted_lengths: int64 [steps, B], drafts accepted per row and step (-1 once a
             row is done); empty for autoregressive.
         wall_time: seconds, prefill included.
@@ -59,13 +60,28 @@ class Generation:
     draft_passes: int = 0
     drafted: int = 0
     accepted: int = 0
+    gamma: int = 0
     accepted_lengths: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     wall_time: float = 0.0
 
     @property
+    def examined(self) -> int:
+        """Drafts the rule actually judged: the accepted ones plus one rejection per step
+        that stopped early. Drafts after a rejection are thrown away unexamined."""
+        lengths = self.accepted_lengths
+        live = lengths >= 0
+        return self.accepted + int((live & (lengths < self.gamma)).sum())
+
+    @property
     def alpha(self) -> float:
-        """Measured acceptance rate: accepted / drafted (nan when nothing was drafted)."""
-        return self.accepted / self.drafted if self.drafted else float("nan")
+        """Measured per-draft acceptance rate α: accepted / examined.
+
+        This is the α of Leviathan et al. (the chance that a draft the rule looks at is
+        accepted). accepted / drafted would be smaller, counting the drafts discarded
+        after a rejection as failures. nan when nothing was examined.
+        """
+        examined = self.examined
+        return self.accepted / examined if examined else float("nan")
 
     @property
     def tokens_per_step(self) -> float:
@@ -233,6 +249,7 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
         draft_passes=draft_passes,
         drafted=int(drafted),
         accepted=int(accepted),
+        gamma=gamma,
         accepted_lengths=torch.stack(accepted_lengths).cpu() if accepted_lengths else torch.zeros(0, B, dtype=torch.long),
         wall_time=time.perf_counter() - start,
     )
