@@ -20,6 +20,8 @@ Chapter 3 (speculative sampling): :func:`min_plus_positive_part`,
 
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import dataclass
 
 import sympy as sp
@@ -199,14 +201,6 @@ def residual_mass(V: int = 3) -> Claim:
     return Claim("sum (p-q)+ = 1 - alpha", lhs.rewrite(sp.Piecewise), rhs.rewrite(sp.Piecewise))
 
 
-def _one_position_output(p, q):
-    """P(emit x) for every x, as expressions in the entries of p and q."""
-    alpha = sp.Add(*[sp.Min(px, qx) for px, qx in zip(p, q)])
-    residual = [_positive_part(px - qx) for px, qx in zip(p, q)]
-    total = sp.Add(*residual)
-    return [sp.Min(px, qx) + (1 - alpha) * r / total for px, qx, r in zip(p, q, residual)]
-
-
 def one_position_exact() -> list[Claim]:
     """General V, argued in the two lemmas: P(emit x) = min(p, q) + (p - q)_+ = p(x).
 
@@ -240,8 +234,6 @@ def one_position_by_region(V: int = 3) -> list[tuple[tuple[bool, ...], list[Clai
     with q = p the step emits min(p, p) = p(x) with no rejection (alpha = 1). The region
     where every p < q is empty because both sum to 1. Returns ``[(region, claims), ...]``.
     """
-    import itertools
-
     if V < 2:
         raise ValueError(f"`V` must be >= 2, got {V}")
     p = _distribution("p", V)
@@ -279,9 +271,6 @@ def toy_tables(V: int = 3, gamma: int = 2, seed: int = 0):
     entries are small integers normalised, drawn from a seeded generator so the tables
     are arbitrary but fixed; every entry is positive.
     """
-    import itertools
-    import random
-
     rng = random.Random(seed)
 
     def row():
@@ -293,14 +282,14 @@ def toy_tables(V: int = 3, gamma: int = 2, seed: int = 0):
     return p, q
 
 
+def _path_probability(p, seq: tuple[int, ...], start: int = 0) -> sp.Expr:
+    """prod_{i >= start} p(seq_i | seq_<i): the target producing seq[start:] after seq[:start]."""
+    return sp.Mul(*[p[seq[:i]][seq[i]] for i in range(start, len(seq))])
+
+
 def autoregressive_distribution(p, V: int, length: int) -> dict[tuple[int, ...], sp.Expr]:
     """P(x_1..x_length) = prod_i p(x_i | x_<i), the target sampling on its own."""
-    import itertools
-
-    return {
-        seq: sp.Mul(*[p[seq[:i]][seq[i]] for i in range(length)])
-        for seq in itertools.product(range(V), repeat=length)
-    }
+    return {seq: _path_probability(p, seq) for seq in itertools.product(range(V), repeat=length)}
 
 
 def speculative_step_distribution(p, q, V: int, gamma: int, accept=None) -> dict[tuple[int, ...], sp.Expr]:
@@ -318,13 +307,9 @@ def speculative_step_distribution(p, q, V: int, gamma: int, accept=None) -> dict
     if accept is None:
         def accept(px, qx):
             return sp.Min(1, px / qx)
-    import itertools
 
     out: dict[tuple[int, ...], sp.Expr] = {
         seq: sp.Integer(0) for seq in itertools.product(range(V), repeat=gamma + 1)
-    }
-    continuation = {
-        n: autoregressive_distribution_from(p, V, gamma + 1, n) for n in range(1, gamma + 2)
     }
 
     def walk(prefix, prob, i):
@@ -344,24 +329,13 @@ def speculative_step_distribution(p, q, V: int, gamma: int, accept=None) -> dict
                     add(prefix + (y,), reject * residual[y] / total)
 
     def add(emitted, prob):
-        for tail, cont in continuation[len(emitted)].items():
-            out[emitted + tail] += prob * cont(emitted)
+        # the step emitted `emitted`; the target itself continues to γ+1 tokens
+        for tail in itertools.product(range(V), repeat=gamma + 1 - len(emitted)):
+            seq = emitted + tail
+            out[seq] += prob * _path_probability(p, seq, len(emitted))
 
     walk((), sp.Integer(1), 0)
     return out
-
-
-def autoregressive_distribution_from(p, V: int, length: int, start: int):
-    """{tail: f(prefix)} giving P(tail | prefix) for the target continuing from ``start`` tokens."""
-    import itertools
-
-    def factory(tail):
-        def cont(prefix):
-            seq = prefix + tail
-            return sp.Mul(*[p[seq[:i]][seq[i]] for i in range(start, length)])
-        return cont
-
-    return {tail: factory(tail) for tail in itertools.product(range(V), repeat=length - start)}
 
 
 def speculative_step_exact(V: int = 3, gamma: int = 2, seed: int = 0, accept=None) -> Claim:
