@@ -197,6 +197,9 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
     with torch.inference_mode():
         target.setup_cache(B, length)
         draft.setup_cache(B, length)
+        # Finished rows ride along (batched passes) parked at a harmless position, n_work;
+        # nothing they compute is committed. Active rows have n_work = n.
+        n_work = torch.minimum(n, torch.full_like(n, last_row))
         zeros = torch.zeros(B, dtype=torch.long, device=device)
         target(prompt[:, :-1], zeros)                     # prefill: the target sees 0 .. P-2,
         target_passes += 1
@@ -207,9 +210,6 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
             active = (n - P) < max_new_tokens
             if not bool(active.any()):                    # the loop's one host sync per step
                 break
-            # Finished rows ride along (batched passes) parked at a harmless position;
-            # nothing they compute is committed.
-            n_work = torch.minimum(n, torch.full_like(n, last_row))
             # Draft γ tokens: the last two committed tokens, then one token per pass.
             context = seq.gather(1, (n_work - 2)[:, None] + torch.arange(2, device=device))
             q_logits = draft(context, n_work - 2)[:, -1]
