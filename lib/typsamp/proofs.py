@@ -16,6 +16,11 @@ Chapter 3 (speculative sampling): :func:`min_plus_positive_part`,
 :func:`speculative_step_distribution` with :func:`autoregressive_distribution`,
 :func:`naive_match_rule`, :func:`expected_tokens_sum`, :func:`expected_tokens_limit`,
 :func:`point_mass_draft`.
+
+Chapter 5 (temperature against acceptance): :func:`self_draft_rejection`,
+:func:`greedy_draft_slope`, :func:`self_match_limits`.
+
+Chapter 6 (typical acceptance): :func:`entropy_gap`, :func:`typical_one_position`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ __all__ = [
     "expected_tokens_sum",
     "expected_tokens_limit",
     "point_mass_draft",
+    "self_draft_rejection",
+    "greedy_draft_slope",
+    "self_match_limits",
+    "entropy_gap",
+    "typical_one_position",
 ]
 
 T = sp.Symbol("T", positive=True)
@@ -425,3 +435,73 @@ def point_mass_draft(V: int = 3) -> list[Claim]:
     claims = [Claim("acceptance of x̂ = sum min(p, q)", alpha, p[hat])]
     claims += [Claim(f"P(emit x{i + 1})", e, p[i]) for i, e in enumerate(emitted)]
     return claims
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 5: temperature against acceptance, when the draft is the target itself
+
+
+def self_draft_rejection(V: int = 3) -> Claim:
+    """q = p = softmax(z / T): rejection sampling accepts with sum_x min(p_T, p_T) = 1, every T > 0."""
+    p = softmax_with_temperature(_logits(V))
+    return Claim("alpha(q = p) at temperature T", _held(*[sp.Min(px, px, evaluate=False) for px in p]),
+                 sp.Integer(1))
+
+
+def greedy_draft_slope(V: int = 3) -> Claim:
+    """d p_T(x̂)/dT = -p_T(x̂) (z_x̂ - E_{p_T}[z]) / T^2 for the greedy draft x̂ = argmax z.
+
+    z_x̂ is the largest logit, so z_x̂ >= E[z] and the slope is <= 0: the chance that a
+    deterministic draft of the argmax is accepted, p_T(x̂), never rises with T.
+    """
+    z = _logits(V)
+    p = softmax_with_temperature(z)
+    mean = sp.Add(*[px * zx for px, zx in zip(p, z)])
+    return Claim("d p_T(x1) / dT", sp.Derivative(p[0], T), -p[0] * (z[0] - mean) / T**2)
+
+
+def self_match_limits(V: int = 3) -> list[Claim]:
+    """The exact-match rule with q = p accepts sum_x p_T(x)^2: 1 as T -> 0+, 1/V as T -> oo."""
+    z, _ = _ordered_logits(V)
+    collision = sp.Add(*[px**2 for px in _stable_softmax(z)])
+    return [Claim("lim T->0+ sum p_T^2", sp.Limit(collision, T, 0, "+"), sp.Integer(1)),
+            Claim("lim T->oo sum p_T^2", sp.Limit(collision, T, sp.oo), sp.Rational(1, V))]
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 6: typical acceptance
+
+
+def entropy_gap(V: int = 3) -> Claim:
+    """H(p) + log max p = sum_x p(x) log(max p / p(x)), a sum of non-negative terms.
+
+    So exp(-H) <= max p, and the threshold min(ε, δ exp(-H)) <= δ max p < max p for
+    δ < 1: the target's most likely token always passes typical acceptance. (Token 1 is
+    taken to be the most likely.)
+    """
+    p = _distribution("p", V)
+    entropy = -sp.Add(*[px * sp.log(px) for px in p])
+    lhs = _held(entropy, sp.log(p[0]))
+    rhs = sp.Add(*[px * (sp.log(p[0]) - sp.log(px)) for px in p])
+    return Claim("H + log p_max", lhs, rhs)
+
+
+def typical_one_position(V: int = 3) -> list[tuple[tuple[bool, ...], list[Claim]]]:
+    """The law of the token typical acceptance emits at one position, for every accepted set A.
+
+    The process: draw x ~ q; if x ∈ A = {p > τ} emit x, else emit y ~ e. Enumerated
+    case by case, P(emit y) must equal the closed form q(y) 1[y ∈ A] + (1 - q(A)) e(y)
+    that :func:`typsamp.typical.output_distribution` computes. p, q, e symbolic.
+    """
+    q = _distribution("q", V)
+    e = _distribution("e", V)
+    out = []
+    for A in itertools.product((False, True), repeat=V):
+        # the process, one draft at a time
+        process = [_held(*[sp.Mul(q[x], sp.Integer(int(x == y)) if A[x] else e[y], evaluate=False)
+                           for x in range(V)]) for y in range(V)]
+        q_A = sp.Add(*[q[x] for x in range(V) if A[x]])
+        closed = [(q[y] if A[y] else 0) + (1 - q_A) * e[y] for y in range(V)]
+        out.append((A, [Claim(f"A={A}: P(emit x{y + 1})", lhs, rhs)
+                        for y, (lhs, rhs) in enumerate(zip(process, closed))]))
+    return out
