@@ -36,6 +36,7 @@ __all__ = [
     "Verdict",
     "verify",
     "verify_reference",
+    "verify_match",
     "acceptance_rate",
     "expected_tokens",
     "speedup",
@@ -228,6 +229,33 @@ def verify_reference(
             tokens[b, i] = draw(residual if residual.sum() > 0 else p)
             break
     return Verdict(tokens=tokens.to(draft_tokens.device), accepted=accepted.to(draft_tokens.device))
+
+
+def verify_match(
+    draft_tokens: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    draft_probs: torch.Tensor | None = None,
+    validate: bool = True,
+) -> Verdict:
+    """The exact-match rule: keep draft x_i while the target's own sample y_i ~ p_i equals it.
+
+    The target samples y_1..y_{γ+1} (one uniform per position); drafts are kept up to
+    the first i with y_i != x_i, and y_i is emitted there (y_{γ+1} when all match). Every
+    emitted token is the target's own sample given a prefix equal to its own earlier
+    samples, so the output is exactly p, like :func:`verify`; but a draft x ~ q is kept
+    with probability sum_x p(x) q(x) instead of sum_x min(p(x), q(x)), which is smaller
+    (chapter 5). ``draft_probs`` is accepted and ignored so the rule plugs into
+    :func:`typsamp.generate.speculative`.
+    """
+    if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
+        raise checks.InputTypeError(f"`draft_probs` must be a tensor or None, got {type(draft_probs).__name__}")
+    B, gamma, V = check_step(draft_tokens, None, target_probs, generator, validate)
+    dtype = torch.float64 if target_probs.dtype == torch.float64 else torch.float32
+    y = sample_weights(target_probs.to(dtype), generator)                 # [B, γ+1]
+    accepted = (y[:, :gamma] == draft_tokens).long().cumprod(dim=1).sum(dim=1)
+    return emit(draft_tokens, accepted, y.gather(1, accepted[:, None]).squeeze(1))
 
 
 # ---------------------------------------------------------------------------------------
