@@ -42,11 +42,17 @@ test: book
 	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 # Speed measurements, side by side in one run, written as JSON under notebooks/results/
-# (with the machine described); on a CUDA machine the GPU is measured too.
+# (with the machine, versions and commit recorded); on a CUDA machine the GPU too.
+# One torch thread on the CPU: at batch 1 these models are overhead-bound, and a second
+# thread on a shared 2-core machine only adds stalls. Run it on a quiet machine.
 bench: $(INSTALLED)
 	$(BIN)/python -m typsamp.bench verify
+	$(BIN)/python -m typsamp.bench generate --threads 1
+	$(BIN)/python -m typsamp.bench decode --threads 1
 	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
-		$(BIN)/python -m typsamp.bench verify --device cuda; fi
+		$(BIN)/python -m typsamp.bench verify --device cuda && \
+		$(BIN)/python -m typsamp.bench generate --device cuda && \
+		$(BIN)/python -m typsamp.bench decode --device cuda; fi
 
 # Re-execute every notebook in place, storing fresh outputs.
 notebooks: $(INSTALLED)

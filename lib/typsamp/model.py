@@ -136,8 +136,11 @@ class CausalSelfAttention(nn.Module):
         ``mask`` [B, 1, T, S]: write k and v at ``positions``, attend to the first S cache
         positions where ``mask`` allows."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        H = self.n_head
+        # Functional calls rather than submodule calls: at batch 1 a decode step is
+        # overhead-bound, and each nn.Module call costs about as much as a small kernel.
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias).view(B, T, 3, H, C // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                               # each [B, H, T, D]
         if kv is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
@@ -147,8 +150,8 @@ class CausalSelfAttention(nn.Module):
             kv[1].scatter_(2, index, v)
             S = mask.shape[-1]
             y = F.scaled_dot_product_attention(q, kv[0, :, :, :S], kv[1, :, :, :S], attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = F.linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
+        return self.resid_dropout(y) if self.training else y
 
 
 class MLP(nn.Module):
@@ -160,7 +163,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = F.gelu(F.linear(x, self.c_fc.weight, self.c_fc.bias), approximate="tanh")
+        y = F.linear(h, self.c_proj.weight, self.c_proj.bias)
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -172,8 +177,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, kv=None, positions=None, mask=None):
-        x = x + self.attn(self.ln_1(x), kv, positions, mask)
-        return x + self.mlp(self.ln_2(x))
+        ln_1, ln_2 = self.ln_1, self.ln_2
+        x = x + self.attn.forward(F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps),
+                                  kv, positions, mask)
+        return x + self.mlp.forward(F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps))
 
 
 class GPT(nn.Module):
@@ -276,7 +283,7 @@ class GPT(nn.Module):
             wte = self.transformer.wte
             x = self.transformer.drop(wte(tokens) + self.transformer.wpe(positions))
             for block, kv in zip(self.transformer.h, layer_kv):
-                x = block(x, kv, positions, mask)
+                x = block.forward(x, kv, positions, mask)
             x = self.transformer.ln_f(x)
             if cache is not None:
                 cache.lengths.copy_(positions[:, -1] + 1)
