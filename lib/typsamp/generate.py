@@ -190,6 +190,11 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
     accepted = torch.zeros((), dtype=torch.long, device=device)
     target_passes = draft_passes = 0
 
+    # Greedy drafts are the argmax of the warped q, which is the argmax of the logits
+    # (lowest index on ties, as at T = 0) for every warping except locally typical
+    # sampling, the one rule that can drop the most likely token.
+    greedy_logits = draft_mode == "greedy" and typical_p is None
+
     def warped(logits):
         return sampling.probs(logits, **warp, validate=False)
 
@@ -216,10 +221,13 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
             draft_passes += 1
             drafts, q_rows = [], []
             for i in range(gamma):
-                q = warped(q_logits)
-                x = q.argmax(dim=-1) if draft_mode == "greedy" else sampling.sample_weights(q, generator)
+                if greedy_logits:                         # warping keeps the argmax: skip it
+                    x = q_logits.argmax(dim=-1)
+                else:
+                    q = warped(q_logits)
+                    x = q.argmax(dim=-1) if draft_mode == "greedy" else sampling.sample_weights(q, generator)
+                    q_rows.append(q)
                 drafts.append(x)
-                q_rows.append(q)
                 if i + 1 < gamma:
                     q_logits = draft(x[:, None], n_work + i)[:, -1]
                     draft_passes += 1

@@ -99,16 +99,13 @@ def probs(
         return out.reshape(shape)
 
     if temperature != 1.0:
-        scaled = z / temperature
-        # A tiny temperature can overflow z / T to +inf (or, in float32, T itself can
-        # round to 0), which softmax turns into NaN. Rows where that happened are
-        # computed from (z - max z) / T instead: the same distribution, with entries
-        # <= 0 that can only underflow, and 0/0 at the maxima read as 0.
-        # (No data-dependent branch: the loop stays free of host synchronisation.)
-        overflow = (torch.isposinf(scaled) | torch.isnan(scaled)).any(dim=-1, keepdim=True)
-        shifted = (z - z.amax(dim=-1, keepdim=True)) / temperature
-        shifted = torch.where(torch.isnan(shifted), torch.zeros_like(shifted), shifted)
-        z = torch.where(overflow, shifted, scaled)
+        # (z - max z) / T: the same distribution as z / T (softmax ignores shifts), but
+        # every entry is <= 0, so a tiny temperature (or one that rounds to 0 in float32)
+        # underflows to a one-hot instead of overflowing to inf and NaN. The maxima give
+        # 0/0 only when T rounds to 0, and are read as 0. No data-dependent branch: the
+        # decode loop stays free of host synchronisation.
+        z = (z - z.amax(dim=-1, keepdim=True)) / temperature
+        z = torch.where(torch.isnan(z), torch.zeros_like(z), z)
     if top_k is not None:
         z = _top_k(z, top_k)
     if top_p is not None and top_p < 1.0:
