@@ -160,3 +160,73 @@ def test_resampling_from_p_instead_of_the_residual_is_wrong():
 def test_chapter3_claims_render_as_latex():
     assert proofs.speculative_step_exact(2, 1)._repr_latex_().startswith("$")
     assert "\\sum" in proofs.expected_tokens_sum()[0]._repr_latex_()
+
+
+# ---------------------------------------------------------------------------------------
+# Chapters 5 and 6: temperature against acceptance, typical acceptance
+
+
+@pytest.mark.parametrize("V", [2, 3, 4])
+def test_chapter5_claims_hold(V):
+    assert proofs.self_draft_rejection(V).holds()
+    assert proofs.greedy_draft_slope(V).holds()
+    limits = proofs.self_match_limits(V)
+    assert len(limits) == 2 and [c.rhs for c in limits] == [1, sp.Rational(1, V)]
+    for claim in limits:
+        assert claim.holds(), str(claim)
+
+
+@pytest.mark.parametrize("V", [2, 3, 4])
+def test_chapter6_claims_hold(V):
+    assert proofs.entropy_gap(V).holds()
+    cases = proofs.typical_one_position(V)
+    # Every accepted set A, the empty one and the whole vocabulary included, V claims each.
+    assert sorted(A for A, _ in cases) == sorted(itertools.product((False, True), repeat=V))
+    for A, claims in cases:
+        assert len(claims) == V
+        for claim in claims:
+            assert claim.holds(), f"{A}: {claim}"
+        assert sp.simplify(sum(c.rhs for c in claims)) == 1            # the law sums to 1
+
+
+def test_wrong_chapter5_claims_fail():
+    rejection = proofs.self_draft_rejection(3)
+    p = proofs.softmax_with_temperature(proofs._logits(3))
+    collision = sum(px**2 for px in p)                                   # the exact-match rule's rate
+    assert not proofs.Claim("self draft accepted with sum p^2", rejection.lhs, collision).holds()
+    slope = proofs.greedy_draft_slope(3)
+    assert not proofs.Claim("slope, wrong sign", slope.lhs, -slope.rhs).holds()
+    assert not proofs.Claim("slope, T^3", slope.lhs, slope.rhs / proofs.T).holds()
+    z1 = proofs._logits(3)[0]
+    assert not proofs.Claim("slope without the mean", slope.lhs, -p[0] * z1 / proofs.T**2).holds()
+    cold, hot = proofs.self_match_limits(3)
+    assert not proofs.Claim("limit 2/V", hot.lhs, sp.Rational(2, 3)).holds()
+    assert not proofs.Claim("cold limit 1/V", cold.lhs, sp.Rational(1, 3)).holds()
+    assert not proofs.Claim("hot limit 1", hot.lhs, sp.Integer(1)).holds()
+
+
+def test_wrong_chapter6_claims_fail():
+    gap = proofs.entropy_gap(3)
+    terms = sp.Add.make_args(gap.rhs)
+    assert len(terms) == 2                        # p1's own term, p1 log(p1 / p1), is 0
+    assert not proofs.Claim("entropy gap, a term dropped", gap.lhs, terms[0]).holds()
+    assert not proofs.Claim("entropy gap, sign", gap.lhs, -gap.rhs).holds()
+    for A, claims in proofs.typical_one_position(3):
+        q = [sp.Symbol(f"q{i}", positive=True) for i in (1, 2)]
+        q.append(1 - q[0] - q[1])
+        e = [sp.Symbol(f"e{i}", positive=True) for i in (1, 2)]
+        e.append(1 - e[0] - e[1])
+        q_A = sum(q[x] for x in range(3) if A[x])
+        for y, claim in enumerate(claims):
+            kept = q[y] if A[y] else 0
+            no_factor = kept + e[y]                                    # (1 - q(A)) dropped
+            no_kept = (1 - q_A) * e[y]                                 # q(y) 1[y in A] dropped
+            p_for_e = kept + (1 - q_A) * q[y]                          # extra token from q, not e
+            if any(A):
+                assert not proofs.Claim("no (1 - q(A))", claim.lhs, no_factor).holds(), (A, y)
+                if A[y]:
+                    assert not proofs.Claim("no kept term", claim.lhs, no_kept).holds(), (A, y)
+            else:
+                assert proofs.Claim("A empty: (1 - q(A)) = 1", claim.lhs, no_factor).holds()
+            if not all(A):
+                assert not proofs.Claim("extra from q", claim.lhs, p_for_e).holds(), (A, y)

@@ -944,3 +944,150 @@ BAD_THEORY = [
 def test_theory_rejects_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------
+# verify_match: keep drafts while the target's own sample equals them
+
+
+def test_verify_match_first_token_is_p_whatever_the_drafts():
+    """y_1 ~ p_1 is emitted at position 1 whether x_1 is kept (x_1 = y_1) or not."""
+    gen = torch.Generator().manual_seed(40)
+    V, gamma = 6, 3
+    p = random_probs((gamma + 1, V), gen, zeros=0.3)
+    for drafts in (torch.randint(V, (N, gamma), generator=gen),                 # unrelated to p
+                   draw_drafts(p[:gamma], N, gen)):                              # from p itself
+        v = speculative.verify_match(drafts, p.float().expand(N, gamma + 1, V), gen)
+        check_layout(v, drafts, V)
+        assert_fits(torch.bincount(v.tokens[:, 0], minlength=V), p[0], "first token")
+
+
+@pytest.mark.parametrize("V, gamma, seed", [(3, 2, 0), (2, 3, 1)])
+def test_verify_match_step_then_target_equals_target_on_toy_tables(V, gamma, seed):
+    """The exactness theorem for the exact-match rule, as for verify above: drafts from the
+    toy q tables, one verify_match step, then the target alone up to γ + 1 tokens."""
+    p_table, q_table = proofs.toy_tables(V, gamma, seed)
+
+    def tensor(table, length):
+        t = torch.empty([V] * length + [V], dtype=F64)
+        for prefix in itertools.product(range(V), repeat=length):
+            t[prefix] = torch.tensor([float(r) for r in table[prefix]], dtype=F64)
+        return t
+
+    P = [tensor(p_table, i) for i in range(gamma + 1)]
+    Q = [tensor(q_table, i) for i in range(gamma)]
+    gen = torch.Generator().manual_seed(41 + seed)
+    n = N
+    drafts = torch.empty(n, gamma, dtype=torch.long)
+    for i in range(gamma):
+        drafts[:, i] = torch.multinomial(Q[i][tuple(drafts[:, :i].T)].expand(n, V), 1, generator=gen).squeeze(1)
+    target = torch.stack([P[i][tuple(drafts[:, :i].T)].expand(n, V) for i in range(gamma + 1)], 1)
+    v = speculative.verify_match(drafts, target.float(), gen)
+    check_layout(v, drafts, V)
+    assert (v.accepted > 0).any() and (v.accepted < gamma).any()
+    seq = v.tokens.clone()
+    for j in range(gamma + 1):
+        rows = P[j][tuple(seq[:, :j].T)].expand(n, V)
+        seq[:, j] = torch.where(seq[:, j] < 0, torch.multinomial(rows, 1, generator=gen).squeeze(1), seq[:, j])
+    codes = (seq * V ** torch.arange(gamma + 1)).sum(1)
+    auto = proofs.autoregressive_distribution(p_table, V, gamma + 1)
+    digits = (torch.arange(V ** (gamma + 1))[:, None] // V ** torch.arange(gamma + 1)) % V
+    expected = torch.tensor([float(auto[tuple(d.tolist())]) for d in digits], dtype=F64)
+    assert_fits(torch.bincount(codes, minlength=V ** (gamma + 1)), expected, "match step then target")
+
+
+def test_verify_match_accepts_sum_p_q():
+    """x ~ q, one p and q at every position: P(accepted >= k) = β^k with β = Σ p q, which is
+    below speculative sampling's Σ min(p, q) (chapter 5); the extra token given n is p's own
+    sample conditioned on differing from x (not from the draft law)."""
+    gen = torch.Generator().manual_seed(42)
+    V, gamma = 4, 3
+    p1 = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=F64)
+    q1 = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
+    bonus = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=F64)
+    p = torch.cat([p1.expand(gamma, V), bonus[None]])
+    drafts, v = run(p, q1.expand(gamma, V), N, seed=43, fn=lambda x, q, p, g: speculative.verify_match(
+        x, p, g, draft_probs=q))
+    beta = (p1 * q1).sum().item()
+    assert beta < speculative.acceptance_rate(p1, q1).item()
+    k = torch.arange(gamma + 1, dtype=F64)
+    law = torch.where(k < gamma, beta**k * (1 - beta), beta**k)
+    assert_fits(torch.bincount(v.accepted, minlength=gamma + 1), law, "accepted")
+    assert_mean((v.accepted >= 1).double(), beta, math.sqrt(beta * (1 - beta)), "acceptance")
+    # After a mismatch at a draft x, the token is y ~ p given y != x.
+    rejected = v.accepted < gamma
+    at = v.accepted.clamp(max=gamma - 1)
+    x = drafts.gather(1, at[:, None]).squeeze(1)
+    extra = v.tokens.gather(1, v.accepted[:, None]).squeeze(1)
+    assert (extra[rejected] != x[rejected]).all()
+    for token in range(V):
+        rows = rejected & (x == token)
+        without = p1.clone()
+        without[token] = 0
+        assert_fits(torch.bincount(extra[rows], minlength=V), without / without.sum(), f"extra | x={token}")
+    assert_fits(torch.bincount(extra[~rejected], minlength=V), bonus, "bonus")
+
+
+def test_verify_match_one_hot_target_on_the_drafts_keeps_all():
+    gen = torch.Generator().manual_seed(44)
+    eye = torch.eye(5)
+    drafts = torch.tensor([[1, 3, 0], [4, 4, 2]])
+    p = torch.cat([eye[drafts], eye[[2, 0]][:, None]], 1)
+    v = speculative.verify_match(drafts, p, gen)
+    assert v.tokens.tolist() == [[1, 3, 0, 2], [4, 4, 2, 0]] and v.accepted.tolist() == [3, 3]
+    p[0, 1] = eye[2]                                 # one-hot elsewhere: stop there, emit p's token
+    p[1, 0] = eye[0]
+    v = speculative.verify_match(drafts, p, gen)
+    assert v.tokens.tolist() == [[1, 2, -1, -1], [0, -1, -1, -1]] and v.accepted.tolist() == [1, 0]
+    # A uniform target keeps a draft with probability 1/V only.
+    n = 20_000
+    u = speculative.verify_match(torch.zeros(n, 1, dtype=torch.long), torch.full((n, 2, 5), 0.2), gen)
+    assert_mean(u.accepted.double(), 0.2, 0.4, "uniform")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_verify_match_dtypes_seeds_draft_probs_and_validate(dtype):
+    gen = torch.Generator().manual_seed(45)
+    B, gamma, V = 3000, 3, 6
+    p = random_probs((B, gamma + 1, V), gen, zeros=0.2).to(dtype)
+    q = random_probs((B, gamma, V), gen, dtype=torch.float32)
+    drafts = draw_drafts(p[:, :gamma].double(), B, gen)
+
+    def go(seed, **kwargs):
+        return speculative.verify_match(drafts, p, torch.Generator().manual_seed(seed), **kwargs)
+
+    first = go(1)
+    check_layout(first, drafts, V)
+    assert (first.accepted == 0).any() and (first.accepted == gamma).any()
+    same = [go(1), go(1, draft_probs=q), go(1, validate=False), go(1, draft_probs=torch.zeros(2))]
+    if dtype != F64:                                  # 16-bit computes as its float32 upcast
+        same.append(speculative.verify_match(drafts, p.float(), torch.Generator().manual_seed(1), validate=False))
+    for v in same:
+        assert torch.equal(v.tokens, first.tokens) and torch.equal(v.accepted, first.accepted)
+    assert not torch.equal(go(2).tokens, first.tokens)
+
+
+BAD_MATCH_CASES = [
+    pytest.param(x, p, error, match, id=name)
+    for name, ((x, _, p), error, match) in BAD_STEPS.items()
+    if "draft_probs" not in match and "vocabularies" not in match
+]
+
+
+@pytest.mark.parametrize("x, p, error, match", BAD_MATCH_CASES)
+def test_verify_match_rejects_bad_inputs(x, p, error, match):
+    with pytest.raises(error, match=match) as info:
+        speculative.verify_match(x, p)
+    assert isinstance(info.value, ValueError)
+
+
+def test_verify_match_rejects_bad_draft_probs_and_generator():
+    with pytest.raises(checks.InputTypeError, match="`draft_probs` must be a tensor or None"):
+        speculative.verify_match(X, TP, draft_probs=QP.tolist())
+    with pytest.raises(checks.InputTypeError, match="`generator`"):
+        speculative.verify_match(X, TP, 7)
+    with pytest.raises(ValueError, match="one device"):
+        speculative.verify_match(X.to("meta"), TP)
+    with pytest.raises(ValueError, match="`target_probs`.*shape"):
+        speculative.verify_match(X, TP[:, :3], validate=False)
+    assert speculative.verify_match(X, TP * 0.9, validate=False).tokens.shape == (2, 4)

@@ -50,12 +50,16 @@ __all__ = ["verify", "threshold", "acceptance_rate", "output_distribution", "EXT
 EXTRA = ("target", "truncated")
 
 
-def _params(epsilon, delta, extra=None) -> tuple[float, float]:
+def _params(epsilon, delta) -> tuple[float, float]:
     epsilon = checks.real("epsilon", epsilon, low=0.0, high=1.0)
     delta = checks.real("delta", delta, low=0.0)
-    if extra is not None and extra not in EXTRA:
-        raise ValueError(f"`extra` must be one of {EXTRA}, got {extra!r}")
     return epsilon, delta
+
+
+def _extra(extra) -> str:
+    if not isinstance(extra, str) or extra not in EXTRA:
+        raise ValueError(f"`extra` must be one of {EXTRA}, got {extra!r}")
+    return extra
 
 
 def _threshold(p: torch.Tensor, epsilon: float, delta: float) -> torch.Tensor:
@@ -115,7 +119,8 @@ def verify(
     Returns:
         :class:`typsamp.speculative.Verdict`, as :func:`typsamp.speculative.verify` does.
     """
-    epsilon, delta = _params(epsilon, delta, extra)
+    epsilon, delta = _params(epsilon, delta)
+    extra = _extra(extra)
     if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
         raise checks.InputTypeError(f"`draft_probs` must be a tensor or None, got {type(draft_probs).__name__}")
     B, gamma, V = check_step(draft_tokens, None, target_probs, generator, validate)
@@ -175,7 +180,8 @@ def output_distribution(p: torch.Tensor, draft: torch.Tensor, epsilon: float = 0
     Returns [..., V] (float32, or float64 for float64 input).
     """
     checks.probs("p", p)
-    epsilon, delta = _params(epsilon, delta, extra)
+    epsilon, delta = _params(epsilon, delta)
+    extra = _extra(extra)
     p = _float(p)
     q = _draft(p, draft)
     tau = _threshold(p, epsilon, delta)
