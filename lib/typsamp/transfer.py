@@ -28,8 +28,8 @@ the one token it adds. What else must travel depends on the rule:
     Medusa's typical acceptance (Cai et al.): accept x_i when
     p_i(x_i) > min(ε, δ·exp(-H(p_i))), a test on the target's distribution alone. Ids only.
 
-All three sampled protocols compute the same rule with the same randomness, so they emit
-the same tokens; they differ only in what travels when. One step, one sequence (a batch
+All three sampled protocols compute the same rule, so their output has exactly the
+target's distribution; they differ only in what travels when. One step, one sequence (a batch
 of B sequences moves B times as much in the same number of messages):
 
     up   (draft -> target)   γ·i  [+ γ·V·d | + γ·d, + r·(V·d) or + r·i]
@@ -309,24 +309,38 @@ def step_cost(rule: str, V: int, gamma: int, dtype, alpha: float, link: Link, *,
 
 @dataclass(frozen=True)
 class Measurement:
-    """Median times of sending messages of given sizes over a real link.
+    """Times of exchanging messages of given sizes over a real link.
 
     Attributes:
         what: how it was measured.
         sizes: bytes per measured message.
-        seconds: median time per exchange, one per size.
+        samples: for each size, the time of every timed exchange (after warm-up), seconds.
         messages: one-way messages per exchange (2 for a ping-pong, 1 for a copy);
             all but the first carry ``reply_bytes``.
         reply_bytes: size of the answer in a ping-pong (0 for a copy).
-        repeats: timed exchanges per size (after warm-up).
+
+    Two summaries per size: :attr:`fastest` (the minimum: the cost when nothing else on
+    the machine got in the way) and :attr:`median` (what a typical exchange saw). On a
+    busy machine they differ by the time the processes waited for a CPU.
     """
 
     what: str
     sizes: tuple[int, ...]
-    seconds: tuple[float, ...]
+    samples: tuple[tuple[float, ...], ...]
     messages: int
     reply_bytes: int
-    repeats: int
+
+    @property
+    def repeats(self) -> int:
+        return min(len(s) for s in self.samples)
+
+    @property
+    def fastest(self) -> tuple[float, ...]:
+        return tuple(min(s) for s in self.samples)
+
+    @property
+    def median(self) -> tuple[float, ...]:
+        return tuple(statistics.median(s) for s in self.samples)
 
 
 def _check_sizes(sizes) -> tuple[int, ...]:
@@ -353,7 +367,7 @@ def _pingpong(rank: int, port: int, sizes, repeats: int, warmup: int, reply_byte
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 timeout=datetime.timedelta(seconds=timeout))
         reply = torch.zeros(reply_bytes, dtype=torch.uint8)
-        medians = []
+        timed = []
         for n in sizes:
             message = torch.zeros(n, dtype=torch.uint8)
             samples = []
@@ -366,11 +380,11 @@ def _pingpong(rank: int, port: int, sizes, repeats: int, warmup: int, reply_byte
                 else:
                     dist.recv(message, src=0)
                     dist.send(reply, dst=0)
-            medians.append(statistics.median(samples[warmup:]) if rank == 0 else None)
+            timed.append(tuple(samples[warmup:]))
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
-            results.put(("ok", medians))
+            results.put(("ok", tuple(timed)))
     except BaseException:  # report anything to the parent rather than dying silently
         results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
 
@@ -383,9 +397,8 @@ def measure_loopback(sizes: Sequence[int], repeats: int = 20, *, warmup: int = 3
     socket through the operating system's network stack, without a network card.
     Rank 0 plays the draft: for each size n it sends n bytes and waits for rank 1's
     reply of ``reply_bytes`` (by default the accepted count and the added token, two
-    int32), ``warmup + repeats`` times; the median of the last ``repeats`` round trips
-    is reported. The exchange is exactly one step of a one-round protocol whose up
-    message has n bytes.
+    int32), ``warmup + repeats`` times, and times the last ``repeats`` round trips. The
+    exchange is exactly one step of a one-round protocol whose up message has n bytes.
 
     Raises ``RuntimeError`` if a process fails or the whole run exceeds ``timeout``
     seconds (the processes are then terminated).
@@ -422,7 +435,7 @@ def measure_loopback(sizes: Sequence[int], repeats: int = 20, *, warmup: int = 3
                 p.join(timeout=5)
         results.close()
     return Measurement("gloo send/recv ping-pong between two processes over TCP on 127.0.0.1",
-                       sizes, tuple(value), messages=2, reply_bytes=reply_bytes, repeats=repeats)
+                       sizes, value, messages=2, reply_bytes=reply_bytes)
 
 
 def measure_pcie(sizes: Sequence[int], repeats: int = 20, *, warmup: int = 3,
@@ -430,7 +443,7 @@ def measure_pcie(sizes: Sequence[int], repeats: int = 20, *, warmup: int = 3,
     """Time copies of pinned host memory to a CUDA device; ``None`` when CUDA is absent.
 
     Each copy is timed on the host from issue to ``torch.cuda.synchronize()`` (what a
-    program waiting for the data sees); the median of ``repeats`` after ``warmup``.
+    program waiting for the data sees), ``repeats`` times after ``warmup``.
     """
     sizes = _check_sizes(sizes)
     repeats = checks.integer("repeats", repeats, low=1)
@@ -438,7 +451,7 @@ def measure_pcie(sizes: Sequence[int], repeats: int = 20, *, warmup: int = 3,
     if not torch.cuda.is_available():
         return None
     device = torch.device(device)
-    medians = []
+    timed = []
     for n in sizes:
         host = torch.zeros(n, dtype=torch.uint8).pin_memory()
         dev = torch.empty(n, dtype=torch.uint8, device=device)
@@ -449,15 +462,16 @@ def measure_pcie(sizes: Sequence[int], repeats: int = 20, *, warmup: int = 3,
             dev.copy_(host, non_blocking=True)
             torch.cuda.synchronize(device)
             samples.append(time.perf_counter() - start)
-        medians.append(statistics.median(samples[warmup:]))
-    return Measurement(f"pinned host to {torch.cuda.get_device_name(device)} copy", sizes, tuple(medians),
-                       messages=1, reply_bytes=0, repeats=repeats)
+        timed.append(tuple(samples[warmup:]))
+    return Measurement(f"pinned host to {torch.cuda.get_device_name(device)} copy", sizes, tuple(timed),
+                       messages=1, reply_bytes=0)
 
 
-def fit_link(measurement: Measurement, name: str | None = None) -> Link:
+def fit_link(measurement: Measurement, name: str | None = None, *, statistic: str = "fastest") -> Link:
     """The :class:`Link` whose model best explains ``measurement``.
 
-    Fits t = c + n/β to the medians by least squares on *relative* error (each size
+    Fits t = c + n/β to one summary per size (``statistic``: ``"fastest"``, the default,
+    which is robust to other work on the machine, or ``"median"``) by least squares on *relative* error (each size
     weighs the same, small ones included), where n is the bytes in flight (the message
     plus any reply); the one-way latency is λ = c / messages. Raises ``ValueError`` if
     the fit is not physical (c < 0 or β <= 0), which means the model does not describe
@@ -468,7 +482,9 @@ def fit_link(measurement: Measurement, name: str | None = None) -> Link:
     if len(measurement.sizes) < 2 or len(set(measurement.sizes)) < 2:
         raise ValueError("fitting a latency and a bandwidth needs at least two different sizes")
     n = torch.tensor(measurement.sizes, dtype=torch.float64) + measurement.reply_bytes
-    t = torch.tensor(measurement.seconds, dtype=torch.float64)
+    if statistic not in ("fastest", "median"):
+        raise ValueError(f"`statistic` must be 'fastest' or 'median', got {statistic!r}")
+    t = torch.tensor(getattr(measurement, statistic), dtype=torch.float64)
     if not (torch.isfinite(t).all() and (t > 0).all()):
         raise ValueError("measured times must be finite and positive")
     A = torch.stack([1 / t, n / t], dim=1)  # (c + s·n) / t ≈ 1
