@@ -9,6 +9,7 @@ One module per idea; each chapter of the book uses the module named in DESIGN.md
 * :mod:`typsamp.data`, :mod:`typsamp.model`, :mod:`typsamp.train`  the Shakespeare corpus,
   a GPT-2 with a static KV cache, and the training CLI behind the shipped weights (chapter 4).
 * :mod:`typsamp.generate`  the decoding engine: autoregressive and speculative (chapter 4).
+* :mod:`typsamp.transfer`  what draft and target exchange under each rule, in bytes and time (chapter 7).
 * :mod:`typsamp.proofs`  the sympy checks the chapters display (imported on demand).
 * :mod:`typsamp.bench`  the benchmarks behind ``make bench`` (imported on demand).
 """
