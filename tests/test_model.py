@@ -346,3 +346,47 @@ def test_committed_weights_are_small():
     assert sum(f.stat().st_size for f in files) < 15e6
     configs = [json.loads(gpt._metadata(f)["config"]) for f in files]
     assert len({c["block_size"] for c in configs}) == 1 and len({c["vocab_size"] for c in configs}) == 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("B", [1, 3])
+def test_span_given_by_the_loop_equals_the_checked_path(B):
+    # span = max(offsets) + T skips the host read-back; the logits must not change,
+    # including the unmasked one-row, one-token path.
+    model = tiny_model()
+    x = tokens(B, 30)
+    lengths = torch.tensor([7, 15, 11][:B])
+    outputs = []
+    for use_span in (False, True):
+        model.setup_cache(B, 48)
+        model(x[:, :15], torch.zeros(B, dtype=torch.long), **({"span": 15} if use_span else {}))
+        model.cache.rollback(lengths, check=not use_span)
+        out = []
+        for t in range(3):
+            offsets = lengths + t
+            kw = {"span": int(offsets.max()) + 1} if use_span else {}
+            out.append(model(x[:, 15 + t:16 + t], offsets, **kw))
+        offsets = lengths + 3
+        kw = {"span": int(offsets.max()) + 5} if use_span else {}
+        out.append(model(x[:, 20:25], offsets, **kw))
+        outputs.append(torch.cat(out, dim=1))
+        assert model.cache.lengths.tolist() == (lengths + 8).tolist()
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@torch.no_grad()
+def test_span_errors_and_unchecked_rollback():
+    model = tiny_model()
+    model.setup_cache(1, 10)
+    x = tokens(1, 4)
+    with pytest.raises(ValueError, match="`span` must be >= 4"):
+        model(x, torch.zeros(1, dtype=torch.long), span=3)
+    with pytest.raises(ValueError, match="exceeds the cache's max_len"):
+        model(x, torch.zeros(1, dtype=torch.long), span=11)
+    with pytest.raises(ValueError, match="`span` must be an integer"):
+        model(x, torch.zeros(1, dtype=torch.long), span=4.0)
+    model(x, torch.zeros(1, dtype=torch.long), span=4)
+    with pytest.raises(ValueError, match="`lengths` must lie in"):
+        model.cache.rollback(torch.tensor([6]))
+    model.cache.rollback(torch.tensor([2]), check=False)     # the loop vouches for its lengths
+    assert model.cache.lengths.tolist() == [2]

@@ -334,7 +334,7 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
     calls = _Calls(target_hf) if peer else None
     P = 64
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(corpus.val_ids) - P, (max(prompts, *batch_sizes),), generator=gen).tolist()
+    starts = torch.randint(0, len(corpus.val_ids) - P, (max((prompts, *batch_sizes)),), generator=gen).tolist()
     all_prompts = torch.stack([corpus.val_ids[s:s + P] for s in starts]).to(device)
     prompt_list = [all_prompts[i:i + 1] for i in range(prompts)]
     context = P + tokens // 2

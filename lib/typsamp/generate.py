@@ -19,10 +19,13 @@ Cache bookkeeping, per row, with ``n`` committed tokens (prompt plus generated):
 * after a verdict with ``a`` drafts accepted, ``n`` grows by ``a + 1`` and both caches
   are rolled back to the accepted prefix: only lengths change, nothing is copied.
 
-Models are anything with ``setup_cache(batch_size, max_len)`` and
-``__call__(tokens [B, T], offsets [B]) -> logits [B, T, V]`` writing its cache at the
-given offsets: :class:`typsamp.model.GPT`, or a ``transformers`` causal LM wrapped in
-:class:`HFCausalLM`.
+Models are anything with ``setup_cache(batch_size, max_len)``, a ``cache`` with
+``lengths`` and ``rollback(lengths, check=)``, and
+``__call__(tokens [B, T], offsets [B], span=max(offsets) + T) -> logits [B, T, V]``
+writing its cache at the given offsets: :class:`typsamp.model.GPT`, or a
+``transformers`` causal LM wrapped in :class:`HFCausalLM`. The loops know every
+offset's maximum on the host (one synchronisation per step reads it), so the models
+never read their offsets back themselves.
 """
 
 from __future__ import annotations
@@ -134,12 +137,12 @@ def autoregressive(model, prompt: torch.Tensor, max_new_tokens: int, *, temperat
     with torch.inference_mode():
         model.setup_cache(B, P + max_new_tokens)
         offsets = torch.zeros(B, dtype=torch.long, device=prompt.device)
-        logits = model(prompt, offsets)[:, -1]
+        logits = model(prompt, offsets, span=P)[:, -1]
         for i in range(max_new_tokens):
             token = sampling.sample_weights(sampling.probs(logits, **warp, validate=False), generator)
             out[:, i] = token
             if i + 1 < max_new_tokens:
-                logits = model(token[:, None], torch.full_like(offsets, P + i))[:, -1]
+                logits = model(token[:, None], torch.full_like(offsets, P + i), span=P + i + 1)[:, -1]
     return Generation(tokens=out, steps=max_new_tokens, target_passes=max_new_tokens,
                       wall_time=time.perf_counter() - start)
 
@@ -186,8 +189,6 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
     steps_positions = torch.arange(gamma + 1, device=device)
     last_row = P + max_new_tokens - 1                    # where a finished row is parked
     accepted_lengths = []
-    drafted = torch.zeros((), dtype=torch.long, device=device)
-    accepted = torch.zeros((), dtype=torch.long, device=device)
     target_passes = draft_passes = 0
 
     # Greedy drafts are the argmax of the warped q, which is the argmax of the logits
@@ -204,20 +205,23 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
         draft.setup_cache(B, length)
         # Finished rows ride along (batched passes) parked at a harmless position, n_work;
         # nothing they compute is committed. Active rows have n_work = n.
-        n_work = torch.minimum(n, torch.full_like(n, last_row))
+        n_work = n.clamp(max=last_row)
         zeros = torch.zeros(B, dtype=torch.long, device=device)
-        target(prompt[:, :-1], zeros)                     # prefill: the target sees 0 .. P-2,
+        target(prompt[:, :-1], zeros, span=P - 1)        # prefill: the target sees 0 .. P-2,
         target_passes += 1
         if P > 2:                                         # the draft 0 .. P-3
-            draft(prompt[:, :-2], zeros)
+            draft(prompt[:, :-2], zeros, span=P - 2)
             draft_passes += 1
         while True:
             active = (n - P) < max_new_tokens
-            if not bool(active.any()):                    # the loop's one host sync per step
+            # The loop's one host synchronisation per step: are rows left, and how far
+            # does the longest reach (every pass's attention span follows from it).
+            any_active, top = torch.stack([active.any().long(), n_work.max()]).tolist()
+            if not any_active:
                 break
             # Draft γ tokens: the last two committed tokens, then one token per pass.
             context = seq.gather(1, (n_work - 2)[:, None] + torch.arange(2, device=device))
-            q_logits = draft(context, n_work - 2)[:, -1]
+            q_logits = draft(context, n_work - 2, span=top)[:, -1]
             draft_passes += 1
             drafts, q_rows = [], []
             for i in range(gamma):
@@ -229,13 +233,13 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
                     q_rows.append(q)
                 drafts.append(x)
                 if i + 1 < gamma:
-                    q_logits = draft(x[:, None], n_work + i)[:, -1]
+                    q_logits = draft(x[:, None], n_work + i, span=top + i + 1)[:, -1]
                     draft_passes += 1
             x = torch.stack(drafts, dim=1)                # [B, γ]
             q = torch.stack(q_rows, dim=1) if draft_mode == "sample" else None
             # Verify: one target pass over the last committed token and the γ drafts.
             last = seq[rows, n_work - 1][:, None]
-            p = warped(target(torch.cat([last, x], dim=1), n_work - 1))   # [B, γ+1, V]
+            p = warped(target(torch.cat([last, x], dim=1), n_work - 1, span=top + gamma))   # [B, γ+1, V]
             target_passes += 1
             verdict = verify(draft_tokens=x, draft_probs=q, target_probs=p, generator=generator)
             a = verdict.accepted
@@ -243,22 +247,22 @@ def speculative(target, draft, prompt: torch.Tensor, max_new_tokens: int, *, gam
             keep = (steps_positions <= a[:, None]) & active[:, None]
             index = n_work[:, None] + steps_positions
             seq.scatter_(1, index, torch.where(keep, verdict.tokens, seq.gather(1, index)))
-            drafted += gamma * active.sum()
-            accepted += torch.where(active, a, 0).sum()
-            accepted_lengths.append(torch.where(active, a, -1))
+            accepted_lengths.append(torch.where(active, a, -1))      # statistics: summed at the end
             n = torch.where(active, n + a + 1, n)
-            n_work = torch.minimum(n, torch.full_like(n, last_row))
-            target.cache.rollback(n_work - 1)
-            draft.cache.rollback(torch.minimum(draft.cache.lengths.to(device), n_work - 2))
+            n_work = n.clamp(max=last_row)
+            target.cache.rollback(n_work - 1, check=False)
+            draft.cache.rollback(torch.minimum(draft.cache.lengths.to(device), n_work - 2), check=False)
+    lengths = torch.stack(accepted_lengths).cpu() if accepted_lengths else torch.zeros(0, B, dtype=torch.long)
+    live = lengths >= 0
     return Generation(
         tokens=seq[:, P:P + max_new_tokens].clone(),
         steps=len(accepted_lengths),
         target_passes=target_passes,
         draft_passes=draft_passes,
-        drafted=int(drafted),
-        accepted=int(accepted),
+        drafted=gamma * int(live.sum()),
+        accepted=int(lengths[live].sum()),
         gamma=gamma,
-        accepted_lengths=torch.stack(accepted_lengths).cpu() if accepted_lengths else torch.zeros(0, B, dtype=torch.long),
+        accepted_lengths=lengths,
         wall_time=time.perf_counter() - start,
     )
 
@@ -285,7 +289,7 @@ class HFCausalLM:
         self.cache = _HFCacheView(DynamicCache())
         return self.cache
 
-    def __call__(self, tokens: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, offsets: torch.Tensor, span: int | None = None) -> torch.Tensor:
         offset = int(offsets[0])
         self.cache.rollback(offset)
         held = self.cache.inner.get_seq_length()
@@ -306,7 +310,7 @@ class _HFCacheView:
     def lengths(self) -> torch.Tensor:
         return torch.tensor([self.inner.get_seq_length()])
 
-    def rollback(self, lengths) -> None:
+    def rollback(self, lengths, check: bool = True) -> None:
         length = int(torch.as_tensor(lengths).reshape(-1)[0])
         surplus = self.inner.get_seq_length() - length
         if surplus > 0:

@@ -99,16 +99,18 @@ class KVCache:
     def max_len(self) -> int:
         return self.kv.shape[4]
 
-    def rollback(self, lengths: torch.Tensor | int) -> None:
+    def rollback(self, lengths: torch.Tensor | int, *, check: bool = True) -> None:
         """Shorten each row to ``lengths`` (a [B] tensor or one int for all rows); no copying.
 
         A row can only be shortened: the positions beyond its current length hold nothing.
+        ``check=False`` skips that check, which reads the lengths back to the host (a
+        decode loop that computed them itself passes it).
         """
         lengths = torch.as_tensor(lengths, device=self.lengths.device)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
             raise checks.InputTypeError(f"`lengths` must hold integers, got {lengths.dtype}")
         lengths = lengths.to(torch.long).expand(self.batch_size)
-        if ((lengths < 0) | (lengths > self.lengths)).any():
+        if check and ((lengths < 0) | (lengths > self.lengths)).any():
             raise ValueError(
                 f"`lengths` must lie in [0, current length] for every row: got {lengths.tolist()} "
                 f"for current lengths {self.lengths.tolist()}"
@@ -130,11 +132,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                span: int = 0) -> torch.Tensor:
         """``x`` [B, T, C]. Without ``kv``: plain causal attention over the T tokens. With
-        ``kv`` (this layer's [2, B, H, max_len, D] cache slice), ``positions`` [B, T] and
-        ``mask`` [B, 1, T, S]: write k and v at ``positions``, attend to the first S cache
-        positions where ``mask`` allows."""
+        ``kv`` (this layer's [2, B, H, max_len, D] cache slice), ``positions`` [B, T],
+        ``span`` S and ``mask`` [B, 1, T, S] (or None: every query sees all S): write k
+        and v at ``positions``, attend to the first S cache positions where allowed."""
         B, T, C = x.shape
         H = self.n_head
         # Functional calls rather than submodule calls: at batch 1 a decode step is
@@ -148,8 +151,7 @@ class CausalSelfAttention(nn.Module):
             index = positions[:, None, :, None].expand_as(k)
             kv[0].scatter_(2, index, k)
             kv[1].scatter_(2, index, v)
-            S = mask.shape[-1]
-            y = F.scaled_dot_product_attention(q, kv[0, :, :, :S], kv[1, :, :, :S], attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, kv[0, :, :, :span], kv[1, :, :, :span], attn_mask=mask)
         y = F.linear(y.transpose(1, 2).reshape(B, T, C), self.c_proj.weight, self.c_proj.bias)
         return self.resid_dropout(y) if self.training else y
 
@@ -176,10 +178,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, positions=None, mask=None):
+    def forward(self, x, kv=None, positions=None, mask=None, span=0):
         ln_1, ln_2 = self.ln_1, self.ln_2
         x = x + self.attn.forward(F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps),
-                                  kv, positions, mask)
+                                  kv, positions, mask, span)
         return x + self.mlp.forward(F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps))
 
 
@@ -236,7 +238,8 @@ class GPT(nn.Module):
         """Drop the KV cache: forward passes go back to plain causal attention."""
         self.cache = None
 
-    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None, *,
+                span: int | None = None) -> torch.Tensor:
         """Logits [B, T, V] for ``tokens`` [B, T].
 
         Without a cache the tokens sit at positions 0..T-1 and attention is causal.
@@ -244,6 +247,11 @@ class GPT(nn.Module):
         ``offsets[b] + 0..T-1`` (default: the row's current cache length), attend to
         every cached position before them, and the row's length becomes ``offsets[b] + T``.
         Cached passes are for inference: they run without autograd.
+
+        ``span`` is for decode loops that already know ``max(offsets) + T`` on the host:
+        passing it skips the bounds checks, which read ``offsets`` back from the device
+        (one synchronisation per pass). The caller vouches that ``span`` is exactly
+        ``max(offsets) + T`` and that no row skips a cached position.
         """
         checks.tensor("tokens", tokens)
         if tokens.dim() != 2 or tokens.dtype != torch.long:
@@ -256,7 +264,7 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"`tokens` has {T} positions, more than block_size {self.config.block_size}")
             positions = torch.arange(T, device=tokens.device)
-            layer_kv, mask = [None] * self.config.n_layer, None
+            layer_kv, mask, S = [None] * self.config.n_layer, None, 0
         else:
             if B != cache.batch_size:
                 raise ValueError(f"`tokens` has {B} rows but the cache was set up for {cache.batch_size}")
@@ -265,25 +273,32 @@ class GPT(nn.Module):
             elif offsets.shape != (B,) or offsets.dtype != torch.long:
                 raise ValueError(f"`offsets` must be int64 of shape [{B}], got {offsets.dtype} of shape {tuple(offsets.shape)}")
             positions = offsets[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
-            # Attend only to the cache prefix that some row uses (one host sync, which also
-            # checks the bounds): decode cost grows with the text, not with max_len.
-            S, lowest, gap = torch.stack([positions[:, -1].max() + 1, offsets.min(),
-                                          (offsets > cache.lengths).any().long()]).tolist()
-            if S > cache.max_len or lowest < 0:
-                raise ValueError(
-                    f"positions must lie in [0, max_len {cache.max_len}): `offsets` {offsets.tolist()} "
-                    f"+ {T} new tokens do not fit")
-            if gap:
-                raise ValueError(
-                    f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
-                    f"(lengths {cache.lengths.tolist()}): a row can only continue or overwrite its text")
-            mask = (torch.arange(S, device=tokens.device) <= positions[..., None])[:, None]  # [B, 1, T, S]
+            if span is not None:
+                S = checks.integer("span", span, low=T)
+                if S > cache.max_len:
+                    raise ValueError(f"`span` {S} exceeds the cache's max_len {cache.max_len}")
+            else:
+                # Attend only to the cache prefix that some row uses (one host sync, which
+                # also checks the bounds): decode cost grows with the text, not with max_len.
+                S, lowest, gap = torch.stack([positions[:, -1].max() + 1, offsets.min(),
+                                              (offsets > cache.lengths).any().long()]).tolist()
+                if S > cache.max_len or lowest < 0:
+                    raise ValueError(
+                        f"positions must lie in [0, max_len {cache.max_len}): `offsets` {offsets.tolist()} "
+                        f"+ {T} new tokens do not fit")
+                if gap:
+                    raise ValueError(
+                        f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
+                        f"(lengths {cache.lengths.tolist()}): a row can only continue or overwrite its text")
+            # One row decoding one token sees every position up to S: no mask needed,
+            # and SDPA's unmasked path is the faster one.
+            mask = None if B == 1 and T == 1 else (torch.arange(S, device=tokens.device) <= positions[..., None])[:, None]
             layer_kv = cache.kv
         with torch.set_grad_enabled(cache is None and torch.is_grad_enabled()):
             wte = self.transformer.wte
             x = self.transformer.drop(wte(tokens) + self.transformer.wpe(positions))
             for block, kv in zip(self.transformer.h, layer_kv):
-                x = block.forward(x, kv, positions, mask)
+                x = block.forward(x, kv, positions, mask, S)
             x = self.transformer.ln_f(x)
             if cache is not None:
                 cache.lengths.copy_(positions[:, -1] + 1)
