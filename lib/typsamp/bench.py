@@ -387,7 +387,7 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
             steps = sum(o.steps for o in mine)
             alpha = sum(o.accepted for o in mine) / sum(o.examined for o in mine)
             c = costs[name] / costs["target"]
-            row.update(alpha=round(alpha, 4), c=round(c, 4),
+            row.update(steps=steps, examined=sum(o.examined for o in mine), alpha=round(alpha, 4), c=round(c, 4),
                        mean_accepted=round(sum(o.accepted for o in mine) / steps, 4),
                        tokens_per_step=round(n_tokens / steps, 4),
                        speedup_predicted=round(float(speculative.speedup(alpha, gamma, c)), 4))
@@ -397,6 +397,7 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
             if T == 0:
                 row["peer_identical_tokens"] = all(peer_equal)
             if method != "autoregressive":
+                row["peer_steps"] = peer_steps
                 row["peer_tokens_per_step"] = round(peer_tokens / peer_steps, 4)
                 row["peer_alpha_implied"] = round(_alpha_from_tokens_per_step(peer_tokens / peer_steps, gamma), 4)
                 row["alpha_implied"] = round(_alpha_from_tokens_per_step(row["tokens_per_step"], gamma), 4)
