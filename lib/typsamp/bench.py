@@ -274,9 +274,10 @@ def _peer_generate(target_hf, draft_hf, prompt, tokens: int, temperature: float,
     confidence-based early stop); sampling applies the temperature only (top-k and
     top-p off, which ``transformers`` would otherwise default to top-k 50).
     """
-    # An explicit all-ones attention mask: otherwise transformers infers one from the pad
-    # token, and a character vocabulary has no spare id (id 0 is the newline).
-    kwargs = dict(max_new_tokens=tokens, top_k=0, top_p=1.0, pad_token_id=0,
+    # transformers builds attention masks from the pad id (the assistant's generate()
+    # does so even when an all-ones mask is passed), and a character vocabulary has no
+    # spare id: id 0 is the newline. An id past the vocabulary never occurs in the text.
+    kwargs = dict(max_new_tokens=tokens, top_k=0, top_p=1.0, pad_token_id=target_hf.config.vocab_size,
                   attention_mask=torch.ones_like(prompt))
     if temperature == 0:
         kwargs["do_sample"] = False
@@ -307,7 +308,8 @@ def _alpha_from_tokens_per_step(tokens_per_step: float, gamma: int) -> float:
 
 
 def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed: int = 0,
-                 batch_sizes=BATCH_SIZES, peer: bool = True) -> dict:
+                 batch_sizes=BATCH_SIZES, peer: bool = True, grid: dict | None = None,
+                 progress: bool = True) -> dict:
     """Every decoding rule on the committed models, side by side with transformers' assisted generation.
 
     For T in DECODE_GRID and γ in DECODE_GRID, at batch 1: our autoregressive decoding,
@@ -317,6 +319,9 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
     weights converted to ``GPT2LMHeadModel``. Ours and the peer's runs alternate
     prompt by prompt, so both see the same machine state. Then batched serving: our
     speculative engine against our autoregressive at each batch size.
+
+    ``grid`` overrides :data:`DECODE_GRID` (same keys) for a smaller run, such as the
+    live check in chapter 8; ``progress=False`` hides the progress bars.
     """
     import functools
 
@@ -328,7 +333,8 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
     transformers.logging.set_verbosity_error()
     corpus = load_corpus()
     target = gpt.load("target", device=device)
-    drafts = {name: gpt.load(name, device=device) for name in DECODE_GRID["draft"]}
+    grid = DECODE_GRID if grid is None else {**DECODE_GRID, **grid}
+    drafts = {name: gpt.load(name, device=device) for name in grid["draft"]}
     target_hf = gpt.to_hf(target) if peer else None
     drafts_hf = {name: gpt.to_hf(m) for name, m in drafts.items()} if peer else {}
     calls = _Calls(target_hf) if peer else None
@@ -360,11 +366,11 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
         sync()
         return out, time.perf_counter() - start, calls.n - before
 
-    cells = [(T, "autoregressive", None, None) for T in DECODE_GRID["temperature"]]
-    cells += [(T, method, name, gamma) for T in DECODE_GRID["temperature"] for method in rules
-              for name in DECODE_GRID["draft"] for gamma in DECODE_GRID["gamma"]]
+    cells = [(T, "autoregressive", None, None) for T in grid["temperature"]]
+    cells += [(T, method, name, gamma) for T in grid["temperature"] for method in rules
+              for name in grid["draft"] for gamma in grid["gamma"]]
     rows = []
-    for T, method, name, gamma in tqdm(cells, desc=f"decode on {device}, batch 1"):
+    for T, method, name, gamma in tqdm(cells, desc=f"decode on {device}, batch 1", disable=not progress):
         ours(method, T, name, gamma, prompt_list[0], 8)                      # warm-up
         run_peer = peer and method in ("autoregressive", "rejection")
         if run_peer:
@@ -411,7 +417,7 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
     batched = []
     batch_cells = [(B, T, method) for B in batch_sizes for T in (0.0, 1.0)
                    for method in ("autoregressive", "rejection", "typical")]
-    for B, T, method in tqdm(batch_cells, desc=f"decode on {device}, batched"):
+    for B, T, method in tqdm(batch_cells, desc=f"decode on {device}, batched", disable=not progress):
         prompt = all_prompts[:B]
         ours(method, T, "draft", 4, prompt, 8)
         out = ours(method, T, "draft", 4, prompt)
