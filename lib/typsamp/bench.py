@@ -154,14 +154,14 @@ def bench_verify(device: str = "cpu", repeats: int = 5) -> dict:
 GENERATE_GRID = {"temperature": (0.0, 1.0), "gamma": (2, 4, 6), "draft": ("draft", "draft_small")}
 
 
-def forward_ms(model, context: int, new: int, device: str, repeats: int = 20) -> float:
-    """Median time of one cached forward pass of ``new`` tokens after ``context`` (batch 1)."""
-    model.setup_cache(1, context + new)
-    tokens = torch.zeros(1, context, dtype=torch.long, device=device)
-    step = torch.zeros(1, new, dtype=torch.long, device=device)
-    offset = torch.tensor([context], device=device)
+def forward_ms(model, context: int, new: int, device: str, repeats: int = 20, batch: int = 1) -> float:
+    """Median time of one cached forward pass of ``new`` tokens per row after ``context``, for ``batch`` rows."""
+    model.setup_cache(batch, context + new)
+    tokens = torch.zeros(batch, context, dtype=torch.long, device=device)
+    step = torch.zeros(batch, new, dtype=torch.long, device=device)
+    offset = torch.full((batch,), context, device=device)
     with torch.inference_mode():
-        model(tokens, torch.zeros(1, dtype=torch.long, device=device))
+        model(tokens, torch.zeros(batch, dtype=torch.long, device=device))
 
         def one():
             model(step, offset)
