@@ -27,6 +27,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from laws import chi_square_pvalue, encode, fit_pvalue, verdict_law, with_value as _with
 from typsamp import checks, proofs, speculative
 from typsamp.speculative import Verdict, verify, verify_reference
 
@@ -61,41 +62,24 @@ def bonferroni_budget(request):
     )
 
 
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Upper-tail p-value of Pearson's chi-square of ``counts`` against ``probs``.
 
-    Cells expected to hold fewer than 5 draws are pooled into one (the chi-square
-    approximation needs expected counts of about 5 or more); if the pool is still
-    small it joins the smallest remaining cell.
-    """
-    counts, probs = counts.double().flatten(), probs.double().flatten()
-    expected = counts.sum() * probs / probs.sum()
-    small = expected < 5
-    if small.any():
-        pooled_counts, pooled_expected = counts[small].sum(), expected[small].sum()
-        counts, expected = counts[~small], expected[~small]
-        if pooled_expected >= 5 or counts.numel() == 0:
-            counts = torch.cat([counts, pooled_counts[None]])
-            expected = torch.cat([expected, pooled_expected[None]])
-        else:
-            smallest = expected.argmin()
-            counts[smallest] += pooled_counts
-            expected[smallest] += pooled_expected
-    if counts.numel() < 2:
-        return 1.0
-    stat = ((counts - expected) ** 2 / expected).sum()
-    df = torch.tensor((counts.numel() - 1) / 2, dtype=F64)
-    return torch.special.gammaincc(df, stat / 2).item()
+def toy_tensors(V: int, gamma: int, seed: int):
+    """``proofs.toy_tables`` as float64 tensors: P[i] [V]*i + [V] holds p(. | prefix of length i), Q likewise."""
+    p_table, q_table = proofs.toy_tables(V, gamma, seed)
+
+    def tensor(table, length):
+        t = torch.empty([V] * length + [V], dtype=F64)
+        for prefix in itertools.product(range(V), repeat=length):
+            t[prefix] = torch.tensor([float(r) for r in table[prefix]], dtype=F64)
+        return t
+
+    return [tensor(p_table, i) for i in range(gamma + 1)], [tensor(q_table, i) for i in range(gamma)]
 
 
 def assert_fits(counts: torch.Tensor, probs: torch.Tensor, what: str = "") -> None:
     """Counts follow probs: never a draw where probs is 0, and chi-square p > ALPHA."""
     CHECKS["count"] += 1
-    counts, probs = counts.flatten(), probs.flatten().double()
-    assert counts.numel() == probs.numel()
-    impossible = counts[probs <= 0].sum().item()
-    assert impossible == 0, f"{what}: {impossible} draws fell on zero-probability outcomes"
-    pvalue = chi_square_pvalue(counts[probs > 0], probs[probs > 0])
+    pvalue = fit_pvalue(counts, probs, what)
     assert pvalue > ALPHA, f"{what}: chi-square p-value {pvalue:.3g} <= {ALPHA:.3g}"
 
 
@@ -142,7 +126,6 @@ def exact_verdict_probs(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor |
     """
     p, q = p.double(), q.double()
     gamma, V = q.shape
-    base = V + 1
     ratio = torch.where(q > 0, (p[:gamma] / q).clamp(max=1), (p[:gamma] > 0).double())
     if drafts is None:
         keep = q / q.sum(-1, keepdim=True) * ratio            # P(draft x and keep it) [γ, V]
@@ -152,23 +135,7 @@ def exact_verdict_probs(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor |
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:gamma])
     reject = (1 - keep.sum(-1, keepdim=True)).clamp(min=0)
     extra = torch.cat([reject * residual / residual.sum(-1, keepdim=True), (p[gamma] / p[gamma].sum())[None]])
-    out = torch.zeros(base ** (gamma + 1), dtype=F64)
-    digits = torch.arange(1, V + 1)
-    prefix = torch.ones((), dtype=F64)              # P(the first n drafts are these, kept)
-    code = torch.zeros((), dtype=torch.long)
-    for n in range(gamma + 1):
-        here = code[..., None] + digits * base**n
-        out.index_add_(0, here.flatten(), (prefix[..., None] * extra[n]).flatten())
-        if n < gamma:
-            prefix, code = prefix[..., None] * keep[n], here
-    return out
-
-
-def encode(verdict: Verdict, V: int) -> torch.Tensor:
-    """One integer per row for the whole verdict: sum_j (tokens[j] + 1) (V + 1)^j."""
-    tokens = verdict.tokens.cpu()
-    powers = (V + 1) ** torch.arange(tokens.shape[1])
-    return ((tokens + 1) * powers).sum(1)
+    return verdict_law(keep, extra, V)
 
 
 def accepted_probs(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -355,16 +322,7 @@ def test_step_then_target_equals_target_on_toy_tables(V, gamma, seed):
     sampling on its own up to γ + 1 tokens. The result must be distributed exactly as the
     target sampling γ + 1 tokens (``proofs.autoregressive_distribution``).
     """
-    p_table, q_table = proofs.toy_tables(V, gamma, seed)
-
-    def tensor(table, length):
-        t = torch.empty([V] * length + [V], dtype=F64)
-        for prefix in itertools.product(range(V), repeat=length):
-            t[prefix] = torch.tensor([float(r) for r in table[prefix]], dtype=F64)
-        return t
-
-    P = [tensor(p_table, i) for i in range(gamma + 1)]
-    Q = [tensor(q_table, i) for i in range(gamma)]
+    P, Q = toy_tensors(V, gamma, seed)
     gen = torch.Generator().manual_seed(6 + seed)
     n = N
     drafts = torch.empty(n, gamma, dtype=torch.long)
@@ -380,7 +338,7 @@ def test_step_then_target_equals_target_on_toy_tables(V, gamma, seed):
         rows = P[j][tuple(seq[:, :j].T)].expand(n, V)
         seq[:, j] = torch.where(seq[:, j] < 0, torch.multinomial(rows, 1, generator=gen).squeeze(1), seq[:, j])
     codes = (seq * V ** torch.arange(gamma + 1)).sum(1)
-    auto = proofs.autoregressive_distribution(p_table, V, gamma + 1)
+    auto = proofs.autoregressive_distribution(proofs.toy_tables(V, gamma, seed)[0], V, gamma + 1)
     digits = (torch.arange(V ** (gamma + 1))[:, None] // V ** torch.arange(gamma + 1)) % V  # code -> sequence
     expected = torch.tensor([float(auto[tuple(d.tolist())]) for d in digits], dtype=F64)
     assert_fits(torch.bincount(codes, minlength=V ** (gamma + 1)), expected, "step then target")
@@ -583,7 +541,6 @@ def test_short_and_long_drafts(gamma):
 
 
 def test_two_token_vocabulary():
-    gen = torch.Generator().manual_seed(25)
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], dtype=F64)
     q = torch.tensor([[0.1, 0.9], [0.6, 0.4]], dtype=F64)
     _, v = run(p, q, N, seed=26)
@@ -676,12 +633,6 @@ def test_seeded_generator_is_deterministic_and_validate_false_is_identical():
 X = torch.tensor([[0, 1, 2], [3, 4, 0]])
 QP = torch.full((2, 3, 5), 0.2)
 TP = torch.full((2, 4, 5), 0.2)
-
-
-def _with(t, index, value):
-    t = t.clone()
-    t[index] = value
-    return t
 
 
 BAD_STEPS = {
@@ -966,16 +917,7 @@ def test_verify_match_first_token_is_p_whatever_the_drafts():
 def test_verify_match_step_then_target_equals_target_on_toy_tables(V, gamma, seed):
     """The exactness theorem for the exact-match rule, as for verify above: drafts from the
     toy q tables, one verify_match step, then the target alone up to γ + 1 tokens."""
-    p_table, q_table = proofs.toy_tables(V, gamma, seed)
-
-    def tensor(table, length):
-        t = torch.empty([V] * length + [V], dtype=F64)
-        for prefix in itertools.product(range(V), repeat=length):
-            t[prefix] = torch.tensor([float(r) for r in table[prefix]], dtype=F64)
-        return t
-
-    P = [tensor(p_table, i) for i in range(gamma + 1)]
-    Q = [tensor(q_table, i) for i in range(gamma)]
+    P, Q = toy_tensors(V, gamma, seed)
     gen = torch.Generator().manual_seed(41 + seed)
     n = N
     drafts = torch.empty(n, gamma, dtype=torch.long)
@@ -990,7 +932,7 @@ def test_verify_match_step_then_target_equals_target_on_toy_tables(V, gamma, see
         rows = P[j][tuple(seq[:, :j].T)].expand(n, V)
         seq[:, j] = torch.where(seq[:, j] < 0, torch.multinomial(rows, 1, generator=gen).squeeze(1), seq[:, j])
     codes = (seq * V ** torch.arange(gamma + 1)).sum(1)
-    auto = proofs.autoregressive_distribution(p_table, V, gamma + 1)
+    auto = proofs.autoregressive_distribution(proofs.toy_tables(V, gamma, seed)[0], V, gamma + 1)
     digits = (torch.arange(V ** (gamma + 1))[:, None] // V ** torch.arange(gamma + 1)) % V
     expected = torch.tensor([float(auto[tuple(d.tolist())]) for d in digits], dtype=F64)
     assert_fits(torch.bincount(codes, minlength=V ** (gamma + 1)), expected, "match step then target")
@@ -1000,7 +942,6 @@ def test_verify_match_accepts_sum_p_q():
     """x ~ q, one p and q at every position: P(accepted >= k) = β^k with β = Σ p q, which is
     below speculative sampling's Σ min(p, q) (chapter 5); the extra token given n is p's own
     sample conditioned on differing from x (not from the draft law)."""
-    gen = torch.Generator().manual_seed(42)
     V, gamma = 4, 3
     p1 = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=F64)
     q1 = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)

@@ -26,6 +26,7 @@ import pytest
 import sympy as sp
 import torch
 
+from laws import chi_square_pvalue, encode, fit_pvalue, verdict_law, with_value as _with
 from typsamp import checks, generate, proofs, sampling, typical
 from typsamp.model import GPT, GPTConfig
 from typsamp.speculative import Verdict
@@ -63,36 +64,10 @@ def bonferroni_budget(request):
     )
 
 
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Upper-tail p-value of Pearson's chi-square; cells expected below 5 are pooled."""
-    counts, probs = counts.double().flatten(), probs.double().flatten()
-    expected = counts.sum() * probs / probs.sum()
-    small = expected < 5
-    if small.any():
-        pooled_counts, pooled_expected = counts[small].sum(), expected[small].sum()
-        counts, expected = counts[~small], expected[~small]
-        if pooled_expected >= 5 or counts.numel() == 0:
-            counts = torch.cat([counts, pooled_counts[None]])
-            expected = torch.cat([expected, pooled_expected[None]])
-        else:
-            smallest = expected.argmin()
-            counts[smallest] += pooled_counts
-            expected[smallest] += pooled_expected
-    if counts.numel() < 2:
-        return 1.0
-    stat = ((counts - expected) ** 2 / expected).sum()
-    df = torch.tensor((counts.numel() - 1) / 2, dtype=F64)
-    return torch.special.gammaincc(df, stat / 2).item()
-
-
 def assert_fits(counts: torch.Tensor, probs: torch.Tensor, what: str = "") -> None:
     """Counts follow probs: never a draw where probs is 0, and chi-square p > ALPHA."""
     CHECKS["count"] += 1
-    counts, probs = counts.flatten(), probs.flatten().double()
-    assert counts.numel() == probs.numel()
-    impossible = counts[probs <= 0].sum().item()
-    assert impossible == 0, f"{what}: {impossible} draws fell on zero-probability outcomes"
-    pvalue = chi_square_pvalue(counts[probs > 0], probs[probs > 0])
+    pvalue = fit_pvalue(counts, probs, what)
     assert pvalue > ALPHA, f"{what}: chi-square p-value {pvalue:.3g} <= {ALPHA:.3g}"
 
 
@@ -176,23 +151,7 @@ def exact_verdict_probs(p, q, epsilon, delta, extra, drafts=None) -> torch.Tenso
     e = extra_law(p, tau, extra)
     reject = (1 - keep.sum(-1, keepdim=True)).clamp(min=0)
     last = torch.cat([reject * e[:gamma], e[gamma][None]])        # the extra token, at n
-    base = V + 1
-    out = torch.zeros(base ** (gamma + 1), dtype=F64)
-    digits = torch.arange(1, V + 1)
-    prefix = torch.ones((), dtype=F64)
-    code = torch.zeros((), dtype=torch.long)
-    for n in range(gamma + 1):
-        here = code[..., None] + digits * base**n
-        out.index_add_(0, here.flatten(), (prefix[..., None] * last[n]).flatten())
-        if n < gamma:
-            prefix, code = prefix[..., None] * keep[n], here
-    return out
-
-
-def encode(verdict: Verdict, V: int) -> torch.Tensor:
-    """One integer per row for the whole verdict: Σ_j (tokens[j] + 1) (V + 1)^j."""
-    tokens = verdict.tokens.cpu()
-    return ((tokens + 1) * (V + 1) ** torch.arange(tokens.shape[1])).sum(1)
+    return verdict_law(keep, last, V)
 
 
 def random_probs(shape, generator, zeros: float = 0.0, dtype=F64) -> torch.Tensor:
@@ -787,12 +746,6 @@ def test_typical_one_position_closed_form_is_output_distribution(extra):
 
 X = torch.tensor([[0, 1, 2], [3, 4, 0]])
 P = torch.full((2, 4, 5), 0.2)
-
-
-def _with(t, index, value):
-    t = t.clone()
-    t[index] = value
-    return t
 
 
 BAD_VERIFY = {

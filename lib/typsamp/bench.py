@@ -177,7 +177,6 @@ def bench_generate(device: str = "cpu", tokens: int = 160, prompts: int = 3, see
     corpus = load_corpus()
     target = gpt.load("target", device=device)
     drafts = {name: gpt.load(name, device=device) for name in GENERATE_GRID["draft"]}
-    tokenizer = gpt.load_tokenizer("target")
     # Prompts: the opening 64 characters of held-out text at fixed offsets.
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(corpus.val_ids) - 64, (prompts,), generator=gen).tolist()
