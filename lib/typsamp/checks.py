@@ -25,6 +25,12 @@ SUM_TOLERANCE = {
 }
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the library computes in: float64 if any input is float64, else float32
+    (16-bit inputs are promoted, so sums and comparisons do not round to 8 bits)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 class InputTypeError(TypeError, ValueError):
     """An argument has the wrong Python type or tensor dtype.
 

@@ -89,7 +89,7 @@ def probs(
     if eta is not None:
         eta = checks.real("eta", eta, low=0.0, high=1.0, low_open=True, high_open=True)
 
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = checks.compute_dtype(logits)
     shape = logits.shape
     z = logits.to(dtype).reshape(-1, shape[-1])
 
@@ -128,7 +128,7 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     distributions are fine. Returns float32 (float64 for float64 input), shape [...].
     """
     checks.probs("probs", probs)
-    dtype = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    dtype = checks.compute_dtype(probs)
     return torch.special.entr(probs.to(dtype)).sum(dim=-1)
 
 

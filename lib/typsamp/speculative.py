@@ -152,7 +152,7 @@ def verify(
         :class:`Verdict`. All arithmetic is float32 (float64 stays float64).
     """
     B, gamma, V = check_step(draft_tokens, draft_probs, target_probs, generator, validate)
-    dtype = torch.float64 if target_probs.dtype == torch.float64 else torch.float32
+    dtype = checks.compute_dtype(target_probs)
     p = target_probs.to(dtype)
     x = draft_tokens[..., None]
     p_x = p[:, :gamma].gather(-1, x).squeeze(-1)                          # p_i(x_i)  [B, γ]
@@ -252,7 +252,7 @@ def verify_match(
     if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
         raise checks.InputTypeError(f"`draft_probs` must be a tensor or None, got {type(draft_probs).__name__}")
     B, gamma, V = check_step(draft_tokens, None, target_probs, generator, validate)
-    dtype = torch.float64 if target_probs.dtype == torch.float64 else torch.float32
+    dtype = checks.compute_dtype(target_probs)
     y = sample_weights(target_probs.to(dtype), generator)                 # [B, γ+1]
     accepted = (y[:, :gamma] == draft_tokens).long().cumprod(dim=1).sum(dim=1)
     return emit(draft_tokens, accepted, y.gather(1, accepted[:, None]).squeeze(1))
@@ -268,7 +268,7 @@ def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     checks.probs("q", q)
     if p.shape[-1] != q.shape[-1]:
         raise ValueError(f"`p` and `q` have different vocabularies: {p.shape[-1]} vs {q.shape[-1]}")
-    dtype = torch.float64 if torch.float64 in (p.dtype, q.dtype) else torch.float32
+    dtype = checks.compute_dtype(p, q)
     return torch.minimum(p.to(dtype), q.to(dtype)).sum(dim=-1)
 
 

@@ -77,7 +77,7 @@ def _extra_weights(p: torch.Tensor, tau: torch.Tensor, extra: str) -> torch.Tens
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.to(checks.compute_dtype(x))
 
 
 def threshold(probs: torch.Tensor, epsilon: float = 0.09, delta: float = 0.3) -> torch.Tensor:
