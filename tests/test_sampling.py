@@ -25,7 +25,7 @@ from transformers.generation.logits_process import (
 )
 
 from typsamp import checks
-from typsamp.sampling import entropy, probs, sample, sample_weights
+from typsamp.sampling import RowSeeds, Warp, entropy, probs, sample, sample_weights, uniform
 
 NEG_INF = float("-inf")
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -55,7 +55,7 @@ def make_logits(shape, dtype, kind, seed):
 
 
 def hf_reference(logits, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                 typical_p=None, epsilon=None, eta=None):
+                 typical_p=None, epsilon_cutoff=None, eta=None):
     """The transformers warpers, in generate()'s order, then softmax.
 
     Runs on ``logits.float()`` (float64 stays float64), flattened to the 2-D batch the
@@ -70,8 +70,8 @@ def hf_reference(logits, temperature=1.0, top_k=None, top_p=None, min_p=None,
         warpers.append(MinPLogitsWarper(min_p=min_p))
     if typical_p is not None:
         warpers.append(TypicalLogitsWarper(mass=typical_p))
-    if epsilon is not None:
-        warpers.append(EpsilonLogitsWarper(epsilon=epsilon))
+    if epsilon_cutoff is not None:
+        warpers.append(EpsilonLogitsWarper(epsilon=epsilon_cutoff))
     if eta is not None:
         warpers.append(EtaLogitsWarper(epsilon=eta))
     scores = logits.to(compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
@@ -117,12 +117,12 @@ RULES = {
     "min_p=0.4": dict(min_p=0.4),
     "typical_p=0.2": dict(typical_p=0.2),
     "typical_p=0.9": dict(typical_p=0.9),
-    "epsilon=3e-4": dict(epsilon=3e-4),
-    "epsilon=0.05": dict(epsilon=0.05),
+    "epsilon_cutoff=3e-4": dict(epsilon_cutoff=3e-4),
+    "epsilon_cutoff=0.05": dict(epsilon_cutoff=0.05),
     "eta=3e-4": dict(eta=3e-4),
     "eta=0.05": dict(eta=0.05),
-    "chain-loose": dict(top_k=50, top_p=0.95, min_p=0.01, typical_p=0.95, epsilon=1e-4, eta=1e-4),
-    "chain-strict": dict(top_k=20, top_p=0.8, min_p=0.05, typical_p=0.7, epsilon=1e-3, eta=3e-3),
+    "chain-loose": dict(top_k=50, top_p=0.95, min_p=0.01, typical_p=0.95, epsilon_cutoff=1e-4, eta=1e-4),
+    "chain-strict": dict(top_k=20, top_p=0.8, min_p=0.05, typical_p=0.7, epsilon_cutoff=1e-3, eta=3e-3),
 }
 # Rules that leave every token with positive probability in place; all others must
 # actually cut something on a large vocabulary, or the equality test proves little.
@@ -174,7 +174,7 @@ RULE_PARAMS = {
     "top_p": st.floats(0.01, 1.0),
     "min_p": st.floats(0.0, 1.0),
     "typical_p": st.floats(0.01, 0.99),
-    "epsilon": st.floats(1e-4, 0.99),
+    "epsilon_cutoff": st.floats(1e-4, 0.99),
     "eta": st.floats(1e-4, 0.99),
 }
 RULE_SETS = st.fixed_dictionaries({}, optional=RULE_PARAMS)
@@ -287,7 +287,7 @@ def test_probs_is_a_distribution_of_right_shape_and_dtype(logits, temperature, r
 
 # name -> True when a larger value is stricter (removes more)
 STRICTER_WHEN_LARGER = {"top_k": False, "top_p": False, "typical_p": False,
-                        "min_p": True, "epsilon": True, "eta": True}
+                        "min_p": True, "epsilon_cutoff": True, "eta": True}
 
 
 @pytest.mark.parametrize("name", STRICTER_WHEN_LARGER)
@@ -335,7 +335,7 @@ BOUNDARY_CASES = {
     "top_p=0.5": (torch.zeros(1, 4), dict(top_p=0.5), [0, 0, 1, 1]),
     "top_p=0.75": (torch.zeros(1, 4), dict(top_p=0.75), [0, 1, 1, 1]),
     # p equal to the cutoff is kept
-    "epsilon=p": (POW2, dict(epsilon=0.25), [1, 1, 0, 0]),
+    "epsilon_cutoff=p": (POW2, dict(epsilon_cutoff=0.25), [1, 1, 0, 0]),
     "min_p*max=p": (POW2, dict(min_p=0.5), [1, 1, 0, 0]),
     "min_p=1": (torch.tensor([[0.0, 0.0, -1.0]]), dict(min_p=1.0), [1, 1, 0]),
     # token 1 (surprisal 2 ln 2) is the most typical and alone has mass 1/4 = typical_p
@@ -521,8 +521,8 @@ BAD_ARGUMENTS = [
     ("eta", 1, ValueError),
     ("typical_p", 0, ValueError),
     ("typical_p", 1, ValueError),
-    ("epsilon", 0, ValueError),
-    ("epsilon", 1, ValueError),
+    ("epsilon_cutoff", 0, ValueError),
+    ("epsilon_cutoff", 1, ValueError),
 ]
 
 
@@ -583,3 +583,142 @@ def test_probs_accepts_16bit_rounding_of_its_own_output():
     for dtype in (torch.float16, torch.bfloat16):
         assert entropy(p.to(dtype)).shape == (8,)
         assert sample(p.to(dtype)).shape == (8,)
+
+
+# ---------------------------------------------------------------------------------------
+# Warp: one validated setting; its call is the kernel probs() runs
+
+
+WARP_SETTINGS = [dict(), dict(temperature=0.0), dict(temperature=0.7, top_k=5),
+                 dict(temperature=1.3, top_p=0.8, min_p=0.02), dict(typical_p=0.9),
+                 dict(temperature=0.5, epsilon_cutoff=3e-3, eta=1e-3)]
+
+
+@pytest.mark.parametrize("setting", WARP_SETTINGS)
+def test_warp_call_equals_probs(setting):
+    z = make_logits((4, 3, 40), torch.float32, "neginf", seed=21)
+    assert torch.equal(Warp(**setting)(z), probs(z, **setting))
+
+
+@pytest.mark.parametrize("name, value, error", BAD_ARGUMENTS)
+def test_warp_validates_once_at_construction(name, value, error):
+    with pytest.raises(error, match=name):
+        Warp(**{name: value})
+
+
+def test_warp_is_frozen_and_normalises_numbers():
+    warp = Warp(temperature=1, top_p=1)
+    assert isinstance(warp.temperature, float) and warp.temperature == 1.0
+    with pytest.raises(AttributeError):
+        warp.temperature = 2.0
+
+
+def test_warp_keeps_argmax_only_without_locally_typical_sampling():
+    assert Warp().keeps_argmax and Warp(top_k=1, eta=0.1).keeps_argmax
+    assert not Warp(typical_p=0.5).keeps_argmax
+    assert Warp(temperature=0.0, typical_p=0.5).keeps_argmax and Warp(temperature=0.0).greedy
+    # keeps_argmax is a promise: where it holds, the argmax has positive probability;
+    # where it does not, there are rows that drop it
+    z = make_logits((500, 30), torch.float32, "normal", seed=22)
+    for setting in WARP_SETTINGS:
+        warp = Warp(**setting)
+        if warp.keeps_argmax:
+            assert bool((warp(z).gather(-1, z.argmax(-1, keepdim=True)) > 0).all()), setting
+    p = Warp(typical_p=0.2)(z)
+    assert not bool((p.gather(-1, z.argmax(-1, keepdim=True)) > 0).all())
+
+
+def test_the_old_epsilon_keyword_is_gone():
+    """epsilon-sampling is `epsilon_cutoff`: `epsilon` is Medusa's, in typical acceptance."""
+    with pytest.raises(TypeError, match="epsilon"):
+        probs(torch.zeros(3), epsilon=0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# Empty batches and error messages
+
+
+def test_entropy_and_sample_of_an_empty_batch():
+    p = torch.full((0, 5), 0.2)
+    assert entropy(p).shape == (0,)
+    assert sample(p).shape == (0,) and sample(p).dtype == torch.int64
+    assert probs(torch.zeros(0, 5)).shape == (0, 5)
+
+
+def test_row_sum_error_reports_the_worst_rows_real_sum():
+    with pytest.raises(ValueError, match=r"sums to 0\.2,"):
+        sample(torch.tensor([[0.75, 0.75], [0.1, 0.1]]))
+    with pytest.raises(ValueError, match=r"sums to 1\.5,"):
+        sample(torch.tensor([[0.75, 0.75], [0.5, 0.5]]))
+
+
+# ---------------------------------------------------------------------------------------
+# RowSeeds: one counter-based stream per row
+
+
+def splitmix_reference(seed: int, i: int) -> int:
+    """SplitMix64 in plain Python integers (mod 2**64), the oracle for rng's int64 version."""
+    m = (1 << 64) - 1
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    key = mix(seed ^ 0x5EED5EED5EED5EED)
+    return mix((key + i * 0x9E3779B97F4A7C15) & m)
+
+
+def test_row_seeds_equal_the_plain_python_splitmix():
+    seeds = [0, 1, 12345, 2 ** 63 - 1]
+    got = uniform((4, 3), dtype=torch.float64, device="cpu", generator=RowSeeds(seeds))
+    want = torch.tensor([[(splitmix_reference(s, i) >> 11) * 2.0 ** -53 for i in (1, 2, 3)] for s in seeds],
+                        dtype=torch.float64)
+    assert torch.equal(got, want)
+
+
+def test_a_rows_stream_ignores_its_batch_mates_and_continues_across_calls():
+    alone = RowSeeds([7])
+    first = uniform((1, 5), dtype=torch.float32, device="cpu", generator=alone)
+    second = uniform((1, 2, 2), dtype=torch.float32, device="cpu", generator=alone)
+    crowd = RowSeeds([3, 7, 9])
+    together = uniform((3, 9), dtype=torch.float32, device="cpu", generator=crowd)
+    assert torch.equal(together[1], torch.cat([first[0], second[0].reshape(-1)]))
+    assert not torch.equal(together[0], together[2])
+
+
+def test_row_seeds_give_uniform_numbers():
+    """Kolmogorov-Smirnov distance of 200k draws, against its 1e-4 critical value sqrt(ln(2e4)/(2n))."""
+    n = 200_000
+    u = uniform((2, n // 2), dtype=torch.float64, device="cpu", generator=RowSeeds([0, 1])).reshape(-1)
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    u, _ = u.sort()
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    ks = float(torch.maximum(grid - u, u - (grid - 1 / n)).max())
+    assert ks < math.sqrt(math.log(2 / 1e-4) / (2 * n))
+    f32 = uniform((1, 10_000), dtype=torch.float32, device="cpu", generator=RowSeeds([5]))
+    assert f32.dtype == torch.float32 and float(f32.max()) < 1
+
+
+def test_sample_with_row_seeds_follows_p_and_is_reproducible():
+    rows = N_DRAWS // 10
+    draws = sample(P6.expand(rows, 6), generator=RowSeeds(list(range(rows))))
+    assert chi_square_pvalue(torch.bincount(draws, minlength=6), P6) > ALPHA
+    again = sample(P6.expand(rows, 6), generator=RowSeeds(list(range(rows))))
+    assert torch.equal(draws, again)
+
+
+@pytest.mark.parametrize("seeds, error", [
+    ([], ValueError), ([-1], ValueError), ([2 ** 63], ValueError), ([True], TypeError),
+    ([1.5], TypeError), ("12", TypeError), (torch.tensor([1.0]), TypeError),
+])
+def test_row_seeds_reject_bad_seeds(seeds, error):
+    with pytest.raises(error, match="seeds"):
+        RowSeeds(seeds)
+
+
+def test_row_seeds_must_match_the_batch():
+    with pytest.raises(ValueError, match="2 row seeds but the batch has 3 rows"):
+        sample(torch.full((3, 4), 0.25), generator=RowSeeds([1, 2]))
+    with pytest.raises(ValueError, match="RowSeeds for 2 rows"):
+        uniform((3, 1), dtype=torch.float32, device="cpu", generator=RowSeeds([1, 2]))

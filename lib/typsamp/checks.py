@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from typsamp.rng import RowSeeds
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # How far a row of probabilities may sum from 1 and still count as a distribution.
@@ -78,12 +80,14 @@ def probs(name: str, value) -> torch.Tensor:
         raise ValueError(f"`{name}` contains NaN or infinite entries")
     if (value < 0).any():
         raise ValueError(f"`{name}` contains negative probabilities")
-    sums = value.sum(dim=-1, dtype=torch.float64)
+    if value.numel() == 0:
+        return value
+    sums = value.sum(dim=-1, dtype=torch.float64).reshape(-1)
     tol = SUM_TOLERANCE[value.dtype]
-    worst = (sums - 1).abs().max().item()
-    if worst > tol:
+    worst = int((sums - 1).abs().argmax())
+    if abs(float(sums[worst]) - 1) > tol:
         raise ValueError(
-            f"`{name}` has a row that sums to {1 + worst if (sums > 1).any() else 1 - worst:.6g}, "
+            f"`{name}` has a row that sums to {float(sums[worst]):.6g}, "
             f"not 1 (tolerance {tol:g} for {value.dtype})"
         )
     return value
@@ -118,12 +122,20 @@ def integer(name: str, value, *, low: int) -> int:
     return value
 
 
-def generator(name: str, value, device: torch.device) -> torch.Generator | None:
-    """``None`` or a ``torch.Generator`` on the same device type as the data."""
+def generator(name: str, value, device: torch.device, batch_size: int | None = None):
+    """``None``, a ``torch.Generator`` or a :class:`typsamp.rng.RowSeeds` on the data's
+    device type; a ``RowSeeds`` must have one seed per row when ``batch_size`` is given."""
     if value is None:
         return None
+    if isinstance(value, RowSeeds):
+        if value.device.type != device.type:
+            raise ValueError(f"`{name}` (RowSeeds) lives on {value.device.type} but the tensors are on {device.type}")
+        if batch_size is not None and value.batch_size != batch_size:
+            raise ValueError(f"`{name}` holds {value.batch_size} row seeds but the batch has {batch_size} rows")
+        return value
     if not isinstance(value, torch.Generator):
-        raise InputTypeError(f"`{name}` must be a torch.Generator or None, got {type(value).__name__}")
+        raise InputTypeError(
+            f"`{name}` must be a torch.Generator, a typsamp RowSeeds or None, got {type(value).__name__}")
     if value.device.type != device.type:
         raise ValueError(f"`{name}` lives on {value.device.type} but the tensors are on {device.type}")
     return value

@@ -6,25 +6,29 @@ gives the same result as the Hugging Face ``transformers`` warper of the same na
 in float32 (the tests check this token for token), and the rules run in the order
 ``generate()`` applies them:
 
-=================  ==========================  ==========================================
-argument           transformers warper         keeps token x when ...
-=================  ==========================  ==========================================
-``temperature``    ``TemperatureLogitsWarper`` (all tokens; logits become z / T)
-``top_k``          ``TopKLogitsWarper``        z(x) is at least the k-th largest logit
-``top_p``          ``TopPLogitsWarper``        x is in the smallest head of mass >= top_p
-``min_p``          ``MinPLogitsWarper``        p(x) >= min_p * max p
-``typical_p``      ``TypicalLogitsWarper``     |-log p(x) - H| is among the smallest,
-                                               up to mass typical_p (Meister et al.)
-``epsilon``        ``EpsilonLogitsWarper``     p(x) >= epsilon
-``eta``            ``EtaLogitsWarper``         p(x) >= min(eta, sqrt(eta) * exp(-H))
-=================  ==========================  ==========================================
+==================  ===========================  ==========================================
+argument            transformers warper          keeps token x when ...
+==================  ===========================  ==========================================
+``temperature``     ``TemperatureLogitsWarper``  (all tokens; logits become z / T)
+``top_k``           ``TopKLogitsWarper``         z(x) is at least the k-th largest logit
+``top_p``           ``TopPLogitsWarper``         x is in the smallest head of mass >= top_p
+``min_p``           ``MinPLogitsWarper``         p(x) >= min_p * max p
+``typical_p``       ``TypicalLogitsWarper``      |-log p(x) - H| is among the smallest,
+                                                 up to mass typical_p (Meister et al.)
+``epsilon_cutoff``  ``EpsilonLogitsWarper``      p(x) >= epsilon_cutoff
+``eta``             ``EtaLogitsWarper``          p(x) >= min(eta, sqrt(eta) * exp(-H))
+==================  ===========================  ==========================================
 
 Every rule keeps at least one token. All but one also always keep the most likely
 token; locally typical sampling (``typical_p``) can drop it, because it keeps tokens
 whose surprisal is close to the entropy (chapter 2 shows when). ``temperature=0`` means greedy: a
-one-hot vector on the argmax; among tied maxima the lowest index wins (the rule of
-``torch.argmax``), and the truncation arguments are still validated but cannot change
-a one-hot result.
+one-hot vector on the argmax. That is a convention: as T -> 0+ the distribution tends to
+the uniform distribution over the tied maxima, while T = 0 picks the lowest index among
+them (the rule of ``torch.argmax``). The truncation arguments are still validated but
+cannot change a one-hot result.
+
+:class:`Warp` holds one setting, validated once; calling it is the unchecked kernel the
+decoding engine uses every step. :func:`probs` is the checked convenience.
 
 All functions work on any number of leading (batch) dimensions, compute in float32
 whatever the input dtype (float16, bfloat16, float32; float64 stays float64), and run
@@ -33,11 +37,103 @@ on whatever device the input lives on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from typsamp import checks
+from typsamp.rng import RowSeeds, uniform
 
-__all__ = ["probs", "entropy", "sample", "sample_weights"]
+__all__ = ["Warp", "probs", "entropy", "sample", "sample_weights", "uniform", "RowSeeds"]
+
+
+@dataclass(frozen=True)
+class Warp:
+    """One sampling setting: a temperature and any truncation rules, validated once.
+
+    ``Warp(temperature=0.7, top_p=0.9)(logits)`` returns the warped probabilities. The
+    call is the unchecked hot-path kernel (decode loops call it on a model's own
+    logits every step); :func:`probs` is the checked convenience for everyone else. The
+    fields are the arguments of :func:`probs`:
+
+    * ``temperature`` T >= 0 (T = 1 leaves the model's distribution unchanged; T = 0 is
+      greedy, a convention that breaks ties at the lowest index: the limit T -> 0+ is
+      uniform over tied maxima);
+    * ``top_k`` >= 1; ``top_p`` in (0, 1]; ``min_p`` in [0, 1];
+    * ``typical_p`` in (0, 1) (locally typical sampling);
+    * ``epsilon_cutoff`` in (0, 1) (epsilon-sampling, transformers' ``epsilon_cutoff``;
+      not Medusa's epsilon, which is :class:`typsamp.typical.TypicalAcceptance`'s);
+    * ``eta`` in (0, 1) (eta-sampling, transformers' ``eta_cutoff``).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    eta: float | None = None
+    typical_p: float | None = None
+    epsilon_cutoff: float | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        put("temperature", checks.real("temperature", self.temperature, low=0.0))
+        if self.top_k is not None:
+            put("top_k", checks.integer("top_k", self.top_k, low=1))
+        if self.top_p is not None:
+            put("top_p", checks.real("top_p", self.top_p, low=0.0, high=1.0, low_open=True))
+        if self.min_p is not None:
+            put("min_p", checks.real("min_p", self.min_p, low=0.0, high=1.0))
+        for name in ("eta", "typical_p", "epsilon_cutoff"):
+            value = getattr(self, name)
+            if value is not None:
+                put(name, checks.real(name, value, low=0.0, high=1.0, low_open=True, high_open=True))
+
+    @property
+    def greedy(self) -> bool:
+        """True at T = 0: the warp is a one-hot vector on the argmax."""
+        return self.temperature == 0.0
+
+    @property
+    def keeps_argmax(self) -> bool:
+        """True when the most likely token always keeps positive probability, so a greedy
+        draft may take the logits' argmax without warping. Every rule but locally typical
+        sampling keeps it (chapter 2); at T = 0 the warp is the argmax itself."""
+        return self.typical_p is None or self.greedy
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Warp ``logits`` [..., V] into probabilities [..., V], with no value checks."""
+        dtype = checks.compute_dtype(logits)
+        shape = logits.shape
+        z = logits.to(dtype).reshape(-1, shape[-1])
+
+        if self.temperature == 0.0:
+            out = torch.zeros_like(z)
+            out.scatter_(-1, z.argmax(dim=-1, keepdim=True), 1.0)
+            return out.reshape(shape)
+
+        if self.temperature != 1.0:
+            # (z - max z) / T: the same distribution as z / T (softmax ignores shifts), but
+            # every entry is <= 0, so a tiny temperature (or one that rounds to 0 in float32)
+            # underflows to a one-hot instead of overflowing to inf and NaN. The maxima give
+            # 0/0 only when T rounds to 0, and are read as 0. No data-dependent branch: the
+            # decode loop stays free of host synchronisation.
+            z = (z - z.amax(dim=-1, keepdim=True)) / self.temperature
+            z = torch.where(torch.isnan(z), torch.zeros_like(z), z)
+        if self.top_k is not None:
+            z = _top_k(z, self.top_k)
+        if self.top_p is not None and self.top_p < 1.0:
+            z = _top_p(z, self.top_p)
+        if self.min_p is not None:
+            z = _min_p(z, self.min_p)
+        if self.typical_p is not None:
+            z = _typical(z, self.typical_p)
+        if self.epsilon_cutoff is not None:
+            z = _epsilon(z, self.epsilon_cutoff)
+        if self.eta is not None:
+            z = _eta(z, self.eta)
+        return torch.softmax(z, dim=-1).reshape(shape)
 
 
 def probs(
@@ -48,25 +144,17 @@ def probs(
     min_p: float | None = None,
     eta: float | None = None,
     typical_p: float | None = None,
-    epsilon: float | None = None,
+    epsilon_cutoff: float | None = None,
     *,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Warp ``logits`` [..., V] into probabilities [..., V].
+    """Warp ``logits`` [..., V] into probabilities [..., V]: ``Warp(...)(logits)``, checked.
 
     Args:
         logits: floating tensor; ``-inf`` marks a token that must never be chosen.
-        temperature: T >= 0. T = 1 leaves the model's distribution unchanged; T -> 0
-            tends to greedy, and T = 0 *is* greedy (one-hot argmax).
-        top_k: keep the k highest logits (ties at the k-th value are all kept), k >= 1.
-        top_p: nucleus sampling, in (0, 1].
-        min_p: keep tokens with p >= min_p * max p, in [0, 1].
-        eta: eta-sampling cutoff (transformers' ``eta_cutoff``), in (0, 1).
-        typical_p: locally typical sampling mass (transformers' ``typical_p``), in (0, 1).
-        epsilon: epsilon-sampling cutoff (transformers' ``epsilon_cutoff``), in (0, 1).
+        temperature, top_k, top_p, min_p, eta, typical_p, epsilon_cutoff: see :class:`Warp`.
         validate: check the logits' values (NaN, +inf, rows with no finite entry), which
-            reads them back to the host; a decoding loop over a model's own logits may
-            pass False. Arguments, shapes and dtypes are always checked.
+            reads them back to the host. Arguments, shapes and dtypes are always checked.
 
     Returns:
         float32 probabilities (float64 for float64 input), same shape as ``logits``.
@@ -75,50 +163,9 @@ def probs(
         checks.logits("logits", logits)
     else:
         checks.tensor("logits", logits, floating=True, min_dim=1)
-    temperature = checks.real("temperature", temperature, low=0.0)
-    if top_k is not None:
-        top_k = checks.integer("top_k", top_k, low=1)
-    if top_p is not None:
-        top_p = checks.real("top_p", top_p, low=0.0, high=1.0, low_open=True)
-    if min_p is not None:
-        min_p = checks.real("min_p", min_p, low=0.0, high=1.0)
-    if typical_p is not None:
-        typical_p = checks.real("typical_p", typical_p, low=0.0, high=1.0, low_open=True, high_open=True)
-    if epsilon is not None:
-        epsilon = checks.real("epsilon", epsilon, low=0.0, high=1.0, low_open=True, high_open=True)
-    if eta is not None:
-        eta = checks.real("eta", eta, low=0.0, high=1.0, low_open=True, high_open=True)
-
-    dtype = checks.compute_dtype(logits)
-    shape = logits.shape
-    z = logits.to(dtype).reshape(-1, shape[-1])
-
-    if temperature == 0.0:
-        out = torch.zeros_like(z)
-        out.scatter_(-1, z.argmax(dim=-1, keepdim=True), 1.0)
-        return out.reshape(shape)
-
-    if temperature != 1.0:
-        # (z - max z) / T: the same distribution as z / T (softmax ignores shifts), but
-        # every entry is <= 0, so a tiny temperature (or one that rounds to 0 in float32)
-        # underflows to a one-hot instead of overflowing to inf and NaN. The maxima give
-        # 0/0 only when T rounds to 0, and are read as 0. No data-dependent branch: the
-        # decode loop stays free of host synchronisation.
-        z = (z - z.amax(dim=-1, keepdim=True)) / temperature
-        z = torch.where(torch.isnan(z), torch.zeros_like(z), z)
-    if top_k is not None:
-        z = _top_k(z, top_k)
-    if top_p is not None and top_p < 1.0:
-        z = _top_p(z, top_p)
-    if min_p is not None:
-        z = _min_p(z, min_p)
-    if typical_p is not None:
-        z = _typical(z, typical_p)
-    if epsilon is not None:
-        z = _epsilon(z, epsilon)
-    if eta is not None:
-        z = _eta(z, eta)
-    return torch.softmax(z, dim=-1).reshape(shape)
+    warp = Warp(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, eta=eta,
+                typical_p=typical_p, epsilon_cutoff=epsilon_cutoff)
+    return warp(logits)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -139,7 +186,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     no host synchronisation, and a zero-probability token is never returned.
     """
     checks.probs("probs", probs)
-    generator = checks.generator("generator", generator, probs.device)
+    batch = probs.shape[0] if probs.dim() >= 2 else None
+    generator = checks.generator("generator", generator, probs.device, batch)
     return sample_weights(probs, generator)
 
 
@@ -157,7 +205,7 @@ def sample_weights(weights: torch.Tensor, generator: torch.Generator | None = No
     """
     cdf = weights.to(torch.float64).cumsum(dim=-1)
     total = cdf[..., -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, device=weights.device, generator=generator) * total
+    u = uniform(total.shape, dtype=torch.float64, device=weights.device, generator=generator) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     index = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return torch.where(index < weights.shape[-1], index, 0)
