@@ -24,7 +24,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from typsamp import checks
+from typsamp import checks, stats
 from typsamp.sampling import RowSeeds, Warp, entropy, probs, sample, sample_weights, uniform
 
 NEG_INF = float("-inf")
@@ -406,13 +406,10 @@ def test_entropy_of_truncated_probs_matches_kept_tokens():
 
 
 def chi_square_pvalue(counts, p):
-    """Upper-tail p-value of Pearson's chi-square goodness of fit of counts to p
-    (normalised, so 16-bit probabilities are compared with what they really encode)."""
-    counts, p = counts.double(), p.double() / p.double().sum()
-    expected = counts.sum() * p
-    stat = ((counts - expected) ** 2 / expected).sum()
-    df = torch.tensor((p.numel() - 1) / 2, dtype=torch.float64)
-    return torch.special.gammaincc(df, stat / 2).item()
+    """:func:`typsamp.stats.chi_square`'s p-value against ``p`` normalised (so weights and
+    16-bit probabilities are compared with what they really encode)."""
+    p = p.double()
+    return stats.chi_square(counts, p / p.sum()).p_value
 
 
 P6 = torch.tensor([0.05, 0.1, 0.15, 0.2, 0.2, 0.3])
