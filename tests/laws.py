@@ -1,4 +1,4 @@
-"""Shared by the statistical tests: Pearson's chi-square, and the exact law of a verdict.
+"""Shared by the statistical tests: Pearson's chi-square (typsamp.stats), and the exact law of a verdict.
 
 Every verification rule emits its accepted drafts, then one extra token. Given, per
 position n, the probability ``keep[n]`` [V] of drafting each token and keeping it, and
@@ -11,34 +11,23 @@ from __future__ import annotations
 
 import torch
 
+from typsamp import stats
+
 F64 = torch.float64
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Upper-tail p-value of Pearson's chi-square of ``counts`` against ``probs``.
 
-    Cells expected to hold fewer than 5 draws are pooled into one (the chi-square
-    approximation needs expected counts of about 5 or more); if the pool is still
-    small it joins the smallest remaining cell.
+    :func:`typsamp.stats.chi_square` (the library's one pooling rule: cells expected to
+    hold fewer than 5 draws are pooled, a pool still below 5 joins the smallest cell; a
+    draw where ``probs`` is 0 gives p = 0), after normalising ``probs`` in float64, so a
+    law given only up to a constant factor can be tested. No draws at all: p = 1.
     """
-    counts, probs = counts.double().flatten(), probs.double().flatten()
-    expected = counts.sum() * probs / probs.sum()
-    small = expected < 5
-    if small.any():
-        pooled_counts, pooled_expected = counts[small].sum(), expected[small].sum()
-        counts, expected = counts[~small], expected[~small]
-        if pooled_expected >= 5 or counts.numel() == 0:
-            counts = torch.cat([counts, pooled_counts[None]])
-            expected = torch.cat([expected, pooled_expected[None]])
-        else:
-            smallest = expected.argmin()
-            counts[smallest] += pooled_counts
-            expected[smallest] += pooled_expected
-    if counts.numel() < 2:
+    counts, probs = counts.flatten(), probs.double().flatten()
+    if counts.sum() == 0:
         return 1.0
-    stat = ((counts - expected) ** 2 / expected).sum()
-    df = torch.tensor((counts.numel() - 1) / 2, dtype=F64)
-    return torch.special.gammaincc(df, stat / 2).item()
+    return stats.chi_square(counts, probs / probs.sum()).p_value
 
 
 def verdict_law(keep: torch.Tensor, extra: torch.Tensor, V: int) -> torch.Tensor:

@@ -230,3 +230,66 @@ def test_wrong_chapter6_claims_fail():
                 assert proofs.Claim("A empty: (1 - q(A)) = 1", claim.lhs, no_factor).holds()
             if not all(A):
                 assert not proofs.Claim("extra from q", claim.lhs, p_for_e).holds(), (A, y)
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 3, issue 11: the residual's normaliser for every V, the alpha = 1 case, V = 2..6
+
+
+@pytest.mark.parametrize("V", [5, 6])
+def test_lemma_2_and_the_regions_hold_up_to_six_tokens(V):
+    assert proofs.residual_mass(V).holds()
+    for region, claims in proofs.one_position_by_region(V):
+        for claim in claims:
+            assert claim.holds(), f"{region}: {claim}"
+
+
+def test_residual_normaliser_for_every_vocabulary_size():
+    claim = proofs.residual_mass_general()
+    assert claim.lhs.has(sp.Sum) and claim.lhs.free_symbols >= {sp.Symbol("V", integer=True, positive=True)}
+    assert claim.holds()
+    # Not vacuous: the normaliser is not 1 (it is 1 - alpha), nor alpha.
+    alpha = sp.Sum(sp.Min(proofs._P[proofs._Y], proofs._Q[proofs._Y]), (proofs._Y, 1, proofs._V))
+    assert not proofs.Claim("normaliser = 1", claim.lhs - alpha, claim.rhs).holds()
+    assert not proofs.Claim("normaliser = alpha", claim.lhs + 1 - 2 * alpha, claim.rhs).holds()
+
+
+def test_one_position_with_the_normaliser_derived():
+    claims = proofs.one_position_general()
+    assert len(claims) == 2
+    for claim in claims:
+        assert claim.holds(), str(claim)
+        assert not claim.lhs.has(sp.Symbol("S", positive=True))     # S = sum p = 1 substituted
+        assert not proofs.Claim("normaliser 1", claim.lhs.subs(sp.Symbol("alpha", nonnegative=True), 0),
+                                claim.rhs + 1).holds()
+
+
+def test_alpha_one_case():
+    claims = proofs.alpha_one_case()
+    assert len(claims) == 3
+    for claim in claims:
+        assert claim.holds(), str(claim)
+    a, b = sp.Symbol("a", real=True), sp.Symbol("b", real=True)
+    assert not proofs.Claim("min = a + (a-b)+", sp.Min(a, b), a + sp.Max(a - b, 0)).holds()
+    assert not proofs.Claim("(a)+ = |a|", sp.Abs(sp.Max(a, 0)), sp.Abs(a)).holds()
+
+
+def test_lenient_claims_hold_and_are_not_vacuous():
+    for claim in proofs.lenient_min_scaling() + [proofs.lenient_residual_mass_general()]:
+        assert claim.holds(), str(claim)
+    scaling = proofs.lenient_min_scaling()[0]
+    assert not proofs.Claim("l min(q, p/l) = min(q, p)", scaling.lhs, scaling.rhs / proofs.LENIENCE).holds()
+    for V in (2, 3):
+        regions = proofs.lenient_one_position_by_region(V)
+        assert len(regions) == 2 ** V - 1
+        for region, claims in regions:
+            for claim in claims:
+                assert claim.holds(), f"{region}: {claim}"
+            assert claims[0].name == "normaliser = 1 - l beta"
+            assert not proofs.Claim("normaliser = 1 - beta", claims[0].lhs,
+                                    claims[0].rhs.subs(proofs.LENIENCE, 1)).holds()
+            if not all(region):
+                assert [c.name for c in claims[1:]] == ["sum_y r(y) = 1"] + [f"x{i + 1}: r = p at l = 1"
+                                                                             for i in range(V)]
+    with pytest.raises(ValueError, match="V"):
+        proofs.lenient_one_position_by_region(1)

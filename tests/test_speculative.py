@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from laws import chi_square_pvalue, encode, fit_pvalue, verdict_law, with_value as _with
-from typsamp import checks, proofs, speculative
+from typsamp import checks, proofs, speculative, stats
 from typsamp.speculative import Verdict, verify, verify_reference
 
 F64 = torch.float64
@@ -84,19 +84,12 @@ def assert_fits(counts: torch.Tensor, probs: torch.Tensor, what: str = "") -> No
 
 
 def assert_same_distribution(first: torch.Tensor, second: torch.Tensor, what: str = "") -> None:
-    """Two samples of codes come from one distribution: chi-square test of homogeneity."""
+    """Two samples of codes come from one distribution: chi-square test of homogeneity
+    (:func:`typsamp.stats.chi_square_two_sample`, the library's one pooling rule)."""
     CHECKS["count"] += 1
     size = int(max(first.max(), second.max())) + 1
-    table = torch.stack([torch.bincount(first, minlength=size), torch.bincount(second, minlength=size)]).double()
-    table = table[:, table.sum(0) > 0]
-    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
-    small = (expected < 5).any(0)
-    if small.any():  # pool the sparse columns into one, as in chi_square_pvalue
-        table = torch.cat([table[:, ~small], table[:, small].sum(1, keepdim=True)], dim=1)
-        expected = torch.cat([expected[:, ~small], expected[:, small].sum(1, keepdim=True)], dim=1)
-    stat = ((table - expected) ** 2 / expected).sum()
-    df = torch.tensor((table.shape[1] - 1) / 2, dtype=F64)
-    pvalue = torch.special.gammaincc(df, stat / 2).item()
+    pvalue = stats.chi_square_two_sample(torch.bincount(first, minlength=size),
+                                         torch.bincount(second, minlength=size)).p_value
     assert pvalue > ALPHA, f"{what}: homogeneity p-value {pvalue:.3g} <= {ALPHA:.3g}"
 
 
@@ -116,15 +109,16 @@ def assert_mean(values: torch.Tensor, mean: float, sd: float, what: str = "") ->
 def exact_verdict_probs(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
     """The exact distribution of one row's :class:`Verdict`, indexed by :func:`encode`.
 
-    ``p`` [γ+1, V] and ``q`` [γ, V] are one row's target and draft distributions, taken
-    exactly as given (16-bit rows that do not quite sum to 1 included): the draft x_i is
-    drawn from q_i normalised, kept with probability min(1, p_i(x_i) / q_i(x_i)) (1 where
-    q_i(x_i) = 0 < p_i(x_i)), and after a rejection a token is drawn from (p_i - q_i)_+
-    normalised (p_i where that is all zero); the bonus is drawn from p_{γ+1} normalised.
-    With ``drafts`` [γ] given, the drafts are fixed instead of drawn (the distribution
-    is conditional on them).
+    ``p`` [γ+1, V] and ``q`` [γ, V] are one row's target and draft distributions; each row
+    is first divided by its sum (16-bit rows sum to 1 only within rounding, and the rule
+    follows the normalised target): the draft x_i is drawn from q_i, kept with probability
+    min(1, p_i(x_i) / q_i(x_i)) (1 where q_i(x_i) = 0 < p_i(x_i)), and after a rejection a
+    token is drawn from (p_i - q_i)_+ normalised (p_i where that is all zero); the bonus is
+    drawn from p_{γ+1}. With ``drafts`` [γ] given, the drafts are fixed instead of drawn
+    (the distribution is conditional on them).
     """
     p, q = p.double(), q.double()
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
     gamma, V = q.shape
     ratio = torch.where(q > 0, (p[:gamma] / q).clamp(max=1), (p[:gamma] > 0).double())
     if drafts is None:
@@ -1032,3 +1026,180 @@ def test_verify_match_rejects_bad_draft_probs_and_generator():
     with pytest.raises(ValueError, match="`target_probs`.*shape"):
         speculative.verify_match(X, TP[:, :3], validate=False)
     assert speculative.verify_match(X, TP * 0.9, validate=False).tokens.shape == (2, 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Leviathan et al.'s lenience (Appendix A.5)
+
+
+def lenient_law(p: torch.Tensor, q: torch.Tensor, lenience: float, drafts: torch.Tensor | None = None):
+    """The exact law of one row's lenient verdict, written out case by case: x ~ q is kept
+    with probability a(x) = min(1, p(x) / (l q(x))); after a rejection a token is drawn from
+    (p - l q)_+ normalised; the bonus from p_{γ+1}. With ``drafts``, fixed drafts."""
+    p, q = p.double(), q.double()
+    gamma, V = q.shape
+    a = torch.where(q > 0, (p[:gamma] / (lenience * q)).clamp(max=1), torch.ones_like(q))
+    if drafts is None:
+        keep = q * a
+    else:
+        one_hot = torch.nn.functional.one_hot(drafts, V).double()
+        keep = one_hot * torch.where(one_hot > 0, (p[:gamma] / lenience).clamp(max=1), 0)
+        q = one_hot
+    residual = (p[:gamma] - lenience * q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:gamma])
+    reject = (1 - keep.sum(-1, keepdim=True)).clamp(min=0)
+    extra = torch.cat([reject * residual / residual.sum(-1, keepdim=True), p[gamma][None]])
+    return verdict_law(keep, extra, V)
+
+
+def test_lenient_output_distribution_closed_form():
+    gen = torch.Generator().manual_seed(81)
+    p = random_probs((200, 6), gen, zeros=0.2)
+    q = random_probs((200, 6), gen, zeros=0.2)
+    torch.testing.assert_close(speculative.lenient_output_distribution(p, q, 1.0), p, rtol=0, atol=1e-12)
+    for l in (0.05, 0.3, 0.7, 0.99):
+        r = speculative.lenient_output_distribution(p, q, l)
+        assert r.dtype == F64 and r.shape == p.shape
+        torch.testing.assert_close(r.sum(-1), torch.ones(200, dtype=F64), rtol=0, atol=1e-12)
+        for b in range(0, 200, 20):                        # the one-position case of lenient_law
+            law = lenient_law(torch.stack([p[b], p[b]]), q[b][None], l)
+            first = law.view(7, 7)[:, 1:].sum(0)           # first token (digit 0), whatever follows
+            torch.testing.assert_close(r[b], first, rtol=0, atol=1e-12)
+    # Lower lenience keeps more drafts: the acceptance rate sum_x min(q, p / l) only grows.
+    rates = [torch.minimum(q, p / l).sum(-1) for l in (1.0, 0.7, 0.3)]
+    assert (rates[1] >= rates[0] - 1e-12).all() and (rates[2] >= rates[1] - 1e-12).all()
+    assert (rates[2] > rates[0] + 1e-3).any()
+    with pytest.raises(ValueError, match="`lenience`"):
+        speculative.lenient_output_distribution(p, q, 0.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        speculative.lenient_output_distribution(p[:3], q[:2], 0.5)
+
+
+@pytest.mark.parametrize("lenience", [0.3, 0.75])
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_lenient_verdict_follows_its_exact_law(lenience, point_mass):
+    """Chi-square of whole verdicts (γ = 2, V = 4) against the case-by-case law, for the
+    vectorised rule and, with fewer draws, the plain reference; and the first emitted
+    token against lenient_output_distribution, which is not p."""
+    gen = torch.Generator().manual_seed(82)
+    V, gamma, n = 4, 2, N
+    p = random_probs((gamma + 1, V), gen, zeros=0.15)
+    q = random_probs((gamma, V), gen, zeros=0.15)
+    if point_mass:
+        drafts = torch.tensor([int(q[0].argmax()), int(q[1].argmax())])
+        law = lenient_law(p, q, lenience, drafts)
+        v = verify(drafts.expand(n, gamma), None, p.float().expand(n, gamma + 1, V), gen, lenience=lenience)
+    else:
+        law = lenient_law(p, q, lenience)
+        drafts, v = run(p, q, n, seed=83, lenience=lenience)
+        r = speculative.lenient_output_distribution(p[0], q[0], lenience)
+        assert_fits(torch.bincount(v.tokens[:, 0], minlength=V), r, "first token ~ lenient law")
+        assert (r - p[0]).abs().sum() > 0.05                      # the output is not p
+    assert_fits(torch.bincount(encode(v, V), minlength=law.numel()), law, "lenient verdict")
+    m = 6000
+    x = drafts[:m] if not point_mass else drafts.expand(m, gamma)
+    slow = speculative.verify_reference(x, None if point_mass else q.expand(m, gamma, V), p.expand(m, gamma + 1, V),
+                                        gen, lenience=lenience)
+    assert_fits(torch.bincount(encode(slow, V), minlength=law.numel()), law, "lenient reference")
+
+
+def test_lenience_accepts_more_and_is_exact_at_one():
+    gen = torch.Generator().manual_seed(84)
+    V, gamma = 6, 3
+    p = random_probs((gamma + 1, V), gen)
+    q = random_probs((gamma, V), gen)
+    _, exact = run(p, q, 20_000, seed=85)
+    _, one = run(p, q, 20_000, seed=85, lenience=1.0)
+    assert torch.equal(exact.tokens, one.tokens)
+    _, loose = run(p, q, 20_000, seed=85, lenience=0.5)
+    assert loose.accepted.double().mean() > exact.accepted.double().mean() + 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input (issue 10)
+
+
+def test_16bit_rows_summing_near_one_follow_the_normalised_target():
+    """bf16 [0.72, 0.30] sums to 1.0195, inside the 16-bit tolerance, and encodes
+    p = [0.7050, 0.2950]. Used as it is, a rejection-sampling step would emit token 0 with
+    probability 0.6992 (q = [0.2, 0.8]); normalised, exactly 0.7050. 400k draws resolve
+    the difference (about 12 standard errors)."""
+    gen = torch.Generator().manual_seed(86)
+    n = 400_000
+    p_row = torch.tensor([0.72, 0.30], dtype=torch.bfloat16)
+    assert abs(p_row.double().sum().item() - 1) > 0.015
+    p = p_row.expand(n, 2, 2)
+    target = (p_row.double() / p_row.double().sum())
+    q = torch.tensor([0.2, 0.8]).expand(n, 1, 2)
+    x = torch.multinomial(q[0], n, replacement=True, generator=gen).view(n, 1)
+    for how, v in (("rejection", verify(x, q, p, gen)),
+                   ("point mass", verify(torch.ones(n, 1, dtype=torch.long), None, p, gen)),
+                   ("match", speculative.verify_match(x, p, gen))):
+        assert_fits(torch.bincount(v.tokens[:, 0], minlength=2), target, f"{how}: bf16 first token")
+    # The plain reference normalises too: the same draws as on the normalised float64 rows.
+    m = 2000
+    a = speculative.verify_reference(x[:m], q[:m], p[:m], torch.Generator().manual_seed(1))
+    b = speculative.verify_reference(x[:m], q[:m].double(), target.expand(m, 2, 2), torch.Generator().manual_seed(1))
+    assert torch.equal(a.tokens, b.tokens)
+    assert speculative.acceptance_rate(p_row, torch.tensor([0.2, 0.8])).item() == pytest.approx(
+        0.2 + target[1].item(), abs=1e-6)
+
+
+def test_acceptance_rate_empty_batches_and_shapes():
+    assert speculative.acceptance_rate(torch.zeros(0, 5), torch.zeros(0, 5)).shape == (0,)
+    assert speculative.acceptance_rate(torch.zeros(0, 5), torch.full((5,), 0.2)).shape == (0,)
+    p = torch.full((3, 5), 0.2)
+    assert speculative.acceptance_rate(p, torch.full((1, 5), 0.2)).shape == (3,)
+    with pytest.raises(ValueError, match="broadcast"):
+        speculative.acceptance_rate(p, torch.full((2, 5), 0.2))
+
+
+TYPE_ERRORS = [
+    (lambda: speculative.expected_tokens(True, 3), "`alpha`"),
+    (lambda: speculative.expected_tokens("0.5", 3), "`alpha`"),
+    (lambda: speculative.expected_tokens(None, 3), "`alpha`"),
+    (lambda: speculative.expected_tokens(0.5, None), "`gamma`"),
+    (lambda: speculative.expected_tokens(0.5, "3"), "`gamma`"),
+    (lambda: speculative.expected_tokens(torch.tensor([True]), 3), "`alpha`"),
+    (lambda: speculative.speedup(0.5, 3, "0.1"), "`c`"),
+    (lambda: speculative.speedup(0.5, 3, None), "`c`"),
+    (lambda: speculative.speedup(0.5, 3, True), "`c`"),
+    (lambda: speculative.optimal_gamma("0.5", 0.1), "`alpha`"),
+    (lambda: speculative.optimal_gamma(0.5, None), "`c`"),
+]
+
+
+@pytest.mark.parametrize("call, match", TYPE_ERRORS, ids=[m + str(i) for i, (_, m) in enumerate(TYPE_ERRORS)])
+def test_theory_refuses_wrong_types_with_a_type_error(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+VALUE_ERRORS = [
+    (lambda: speculative.expected_tokens(0.5, 10**30), "`gamma`"),
+    (lambda: speculative.expected_tokens(0.5, [10**30]), "`gamma`"),
+    (lambda: speculative.expected_tokens(0.5, torch.tensor(10**7)), "`gamma`"),
+    (lambda: speculative.expected_tokens(0.5, speculative.MAX_GAMMA + 1), "`gamma`"),
+    (lambda: speculative.speedup(0.5, 10**20, 0.1), "`gamma`"),
+    (lambda: speculative.speedup(0.5, 0, float("inf")), "`c`"),
+    (lambda: speculative.speedup(0.5, 3, -float("inf")), "`c`"),
+    (lambda: speculative.speedup(float("inf"), 3, 0.1), "`alpha`"),
+    (lambda: speculative.expected_tokens(torch.tensor([0.5, 0.6]), torch.tensor([1, 2, 3])), "broadcast"),
+    (lambda: speculative.optimal_gamma(0.5, 0.1, max_gamma=10**12), "`max_gamma`"),
+    (lambda: speculative.optimal_gamma(0.5, float("inf")), "`c`"),
+]
+
+
+@pytest.mark.parametrize("call, match", VALUE_ERRORS, ids=[m + str(i) for i, (_, m) in enumerate(VALUE_ERRORS)])
+def test_theory_refuses_huge_or_infinite_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_theory_at_the_bounds():
+    g = speculative.MAX_GAMMA
+    assert speculative.expected_tokens(1.0, g).item() == g + 1
+    assert speculative.expected_tokens(0.5, g).item() == pytest.approx(2.0)
+    assert speculative.optimal_gamma(1.0, 0.0, max_gamma=g) == g          # a million evaluations, at once
+    assert speculative.speedup(0.5, 0, 1e300).item() == 1.0                # γ = 0: no draft pass is paid
+    assert speculative.expected_tokens(0.3, 1).item() == 1.3               # float64 all the way

@@ -92,8 +92,11 @@ def tau_direct(p: torch.Tensor, epsilon: float, delta: float) -> torch.Tensor:
 
 
 def extra_law(p: torch.Tensor, tau: torch.Tensor, extra: str) -> torch.Tensor:
-    """The extra token's distribution e, normalised: p, or p on {p >= τ} (p if that is empty)."""
+    """The extra token's distribution e, normalised: one-hot on argmax p (lowest index among
+    ties), p, or p on {p >= τ} (p if that is empty)."""
     p = p.double()
+    if extra == "greedy":
+        return torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).double()
     if extra == "truncated":
         kept = p * (p >= tau[..., None])
         p = torch.where(kept.sum(-1, keepdim=True) > 0, kept, p)
@@ -128,7 +131,12 @@ def loop_verify(drafts, p, epsilon, delta, extra, generator):
         entropy = -sum(v * math.log(v) for v in row if v > 0)
         tau = min(epsilon, delta * math.exp(-entropy))
         kept = [v if v >= tau else 0.0 for v in row]
-        weights[b] = torch.tensor(kept if extra == "truncated" and sum(kept) > 0 else row, dtype=F64)
+        if extra == "greedy":                                  # Medusa's: the first largest p
+            kept = [1.0 if i == row.index(max(row)) else 0.0 for i in range(V)]
+        weights[b] = torch.tensor(kept if extra in ("truncated", "greedy") and sum(kept) > 0 else row, dtype=F64)
+    if extra == "greedy":
+        tokens[torch.arange(B), accepted] = weights.argmax(-1)
+        return Verdict(tokens=tokens, accepted=accepted)
     tokens[torch.arange(B), accepted] = sampling.sample_weights(weights, generator)
     return Verdict(tokens=tokens, accepted=accepted)
 
@@ -194,7 +202,7 @@ def check_layout(v: Verdict, drafts: torch.Tensor, V: int) -> None:
     assert (v.tokens[position > n] == -1).all()
 
 
-EXTRAS = ["target", "truncated"]
+EXTRAS = ["greedy", "target", "truncated"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -419,7 +427,8 @@ def test_uniform_target_accepts_everything(extra):
         q = random_probs((3, V), gen)
         torch.testing.assert_close(typical.output_distribution(p[:3, 0].double(), q, eps, delta, extra=extra), q)
         assert (typical.acceptance_rate(p[:3, 0], q.float(), eps, delta) > 1 - 1e-6).all()
-    assert_fits(torch.bincount(v.tokens[:, gamma], minlength=V), torch.full((V,), 1 / V), "bonus")
+    bonus_law = extra_law(p[0, gamma], tau_direct(p[0, gamma], eps, delta), extra)   # uniform, or one-hot
+    assert_fits(torch.bincount(v.tokens[:, gamma], minlength=V), bonus_law, "bonus")
 
 
 @pytest.mark.parametrize("extra", EXTRAS)
@@ -496,9 +505,9 @@ def test_nothing_clears_the_threshold_uniform(V):
     for extra in EXTRAS:
         v = typical.verify(drafts, p.expand(n, 3, V), 1.0, 1.0, gen, extra=extra)
         assert (v.accepted == 0).all() and (v.tokens[:, 1:] == -1).all()
-        assert_fits(torch.bincount(v.tokens[:, 0], minlength=V), p, f"{extra}: uniform extra token")
-        assert torch.equal(typical.output_distribution(p.double(), torch.tensor(0), 1.0, 1.0, extra=extra),
-                           p.double())
+        law = extra_law(p, tau_direct(p, 1.0, 1.0), extra)        # p, or one-hot on token 0 for "greedy"
+        assert_fits(torch.bincount(v.tokens[:, 0], minlength=V), law, f"{extra}: uniform extra token")
+        assert torch.equal(typical.output_distribution(p.double(), torch.tensor(0), 1.0, 1.0, extra=extra), law)
     assert typical.acceptance_rate(p, p, 1.0, 1.0).item() == 0
 
 
@@ -512,7 +521,8 @@ def test_nothing_clears_the_threshold_falls_back_to_p():
     for extra in EXTRAS:                                       # τ = min(0.6, 10 exp(−H)) = 0.6
         v = typical.verify(drafts, p.expand(n, 2, 3), 0.6, 10.0, gen, extra=extra)
         assert (v.accepted == 0).all()
-        assert_fits(torch.bincount(v.tokens[:, 0], minlength=3), p, f"{extra}: fallback")
+        law = extra_law(p, tau_direct(p, 0.6, 10.0), extra)        # p, or one-hot on token 0 for "greedy"
+        assert_fits(torch.bincount(v.tokens[:, 0], minlength=3), law, f"{extra}: fallback")
     # τ = 0.5 = p(0): token 0 fails the strict test; the truncated extra keeps only it.
     assert typical.threshold(p, 0.5, 10.0).item() == 0.5
     v = typical.verify(drafts, p.expand(n, 2, 3), 0.5, 10.0, gen, extra="truncated")
@@ -627,7 +637,10 @@ def test_seeds_draft_probs_and_validate_change_nothing():
             assert torch.equal(v.tokens, first.tokens) and torch.equal(v.accepted, first.accepted)
         other = go(2)
         assert torch.equal(other.accepted, first.accepted)        # the decision is not random
-        assert not torch.equal(other.tokens, first.tokens)        # the extra token is
+        if extra == "greedy":                                      # Medusa's extra token is not random
+            assert torch.equal(other.tokens, first.tokens)
+        else:
+            assert not torch.equal(other.tokens, first.tokens)    # the sampled extra token is
         torch.manual_seed(3)
         a = typical.verify(drafts, p, extra=extra)
         torch.manual_seed(3)
@@ -675,7 +688,11 @@ def prompts(B: int, P: int) -> torch.Tensor:
     return torch.randint(0, GPT_V, (B, P), generator=torch.Generator().manual_seed(0))
 
 
-RULES = {"target": typical.verify, "truncated": functools.partial(typical.verify, extra="truncated")}
+RULES = {extra: typical.TypicalAcceptance(extra=extra) for extra in ("greedy", "target", "truncated")}
+
+
+def proposer(model, mode: str):
+    return generate.DraftModel(model, greedy=mode == "greedy")
 
 
 @pytest.mark.parametrize("mode", ["sample", "greedy"])
@@ -684,13 +701,12 @@ def test_greedy_generation_equals_greedy_autoregressive(pair, rule, mode):
     """T = 0: p is one-hot, only the argmax passes and the extra token is the argmax."""
     target, draft = pair
     prompt = prompts(4, 3)
-    reference = generate.autoregressive(target, prompt, 40, temperature=0)
-    out = generate.speculative(target, draft, prompt, 40, gamma=3, verify=RULES[rule], temperature=0,
-                               draft_mode=mode)
+    greedy = sampling.Warp(temperature=0)
+    reference = generate.autoregressive(target, prompt, 40, warp=greedy)
+    out = generate.speculative(target, proposer(draft, mode), prompt, 40, gamma=3, rule=RULES[rule], warp=greedy)
     assert torch.equal(out.tokens, reference.tokens)
     assert 0 < out.alpha < 1                                       # the weak draft is rejected sometimes
-    out = generate.speculative(target, target, prompt, 40, gamma=3, verify=RULES[rule], temperature=0,
-                               draft_mode=mode)
+    out = generate.speculative(target, proposer(target, mode), prompt, 40, gamma=3, rule=RULES[rule], warp=greedy)
     assert torch.equal(out.tokens, reference.tokens) and out.alpha == 1.0
 
 
@@ -699,8 +715,9 @@ def test_greedy_generation_equals_greedy_autoregressive(pair, rule, mode):
 def test_sampled_generation_statistics_add_up(pair, rule, mode):
     target, draft = pair
     gamma, new = 3, 40
-    out = generate.speculative(target, draft, prompts(4, 3), new, gamma=gamma, verify=RULES[rule],
-                               temperature=0.7, draft_mode=mode, seed=0)
+    warm = sampling.Warp(temperature=0.7)
+    out = generate.speculative(target, proposer(draft, mode), prompts(4, 3), new, gamma=gamma, rule=RULES[rule],
+                               warp=warm, seed=0)
     assert out.tokens.shape == (4, new) and out.tokens.dtype == torch.long
     assert ((out.tokens >= 0) & (out.tokens < GPT_V)).all()
     lengths = out.accepted_lengths
@@ -713,9 +730,22 @@ def test_sampled_generation_statistics_add_up(pair, rule, mode):
     assert out.target_passes == out.steps + 1
     # The target as its own greedy draft proposes its argmax, which always passes (δ < 1).
     if mode == "greedy":
-        self_draft = generate.speculative(target, target, prompts(4, 3), new, gamma=gamma, verify=RULES[rule],
-                                          temperature=0.7, draft_mode="greedy", seed=0)
+        self_draft = generate.speculative(target, proposer(target, "greedy"), prompts(4, 3), new, gamma=gamma,
+                                          rule=RULES[rule], warp=warm, seed=0)
         assert self_draft.alpha == 1.0
+
+
+def test_medusa_greedy_extra_is_deterministic_at_every_temperature(pair):
+    """With greedy drafts and Medusa's own extra token, nothing in a step is random: the
+    output is a deterministic function of the prompt at T > 0 (issue 11), whatever the seed."""
+    target, draft = pair
+    warm = sampling.Warp(temperature=0.9)
+    runs = [generate.speculative(target, proposer(draft, "greedy"), prompts(4, 3), 30, gamma=3,
+                                 rule=RULES["greedy"], warp=warm, seed=seed).tokens for seed in (0, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    sampled = [generate.speculative(target, proposer(draft, "greedy"), prompts(4, 3), 30, gamma=3,
+                                    rule=RULES["target"], warp=warm, seed=seed).tokens for seed in (0, 1)]
+    assert not torch.equal(sampled[0], sampled[1])                 # the sampled extra token is random
 
 
 # ---------------------------------------------------------------------------------------
@@ -842,4 +872,196 @@ def test_threshold_and_output_distribution_reject_bad_arguments():
         typical.threshold(p5, delta=None)
     with pytest.raises(ValueError, match="`extra` must be one of"):
         typical.output_distribution(p5, torch.tensor([0, 1]), extra="p")
-    assert typical.EXTRA == ("target", "truncated")
+    assert typical.EXTRA == ("greedy", "target", "truncated")
+
+
+# ---------------------------------------------------------------------------------------
+# Medusa's rule as shipped (issue 11)
+
+
+def medusa_step(logits: torch.Tensor, candidate: torch.Tensor, temperature: float,
+                posterior_threshold: float = 0.09, posterior_alpha: float = 0.3):
+    """Medusa's decision for one chain candidate, as its code makes it (written here from
+    the semantics of ``evaluate_posterior``'s fast typical branch and ``generate_candidates``
+    in FasterDecoding/Medusa, medusa/model/utils.py @ 2b89814, not from the library).
+
+    ``logits`` [γ+1, V] are the base model's logits at the candidate's positions (row i
+    judges candidate token i + 1; the last row follows the whole candidate); ``candidate``
+    [γ] are the head tokens after the greedy first token. Returns ``(accept_length,
+    next_first_token)``: Medusa keeps candidate[:accept_length], and its next step starts
+    with argmax of the logits at position accept_length.
+    """
+    probs = torch.softmax(logits.float()[None, :-1] / temperature, dim=-1)          # [1, γ, V]
+    cand_p = probs.gather(-1, candidate[None, :, None]).squeeze(-1)                # [1, γ]
+    H = -(probs * torch.log(probs + 1e-5)).sum(-1)
+    thr = torch.minimum(torch.full_like(H, posterior_threshold), torch.exp(-H) * posterior_alpha)
+    mask = cand_p > thr
+    accept_length = int(mask.long().cumprod(dim=1).sum(dim=1)[0])
+    next_first = int(torch.argmax(logits[accept_length]))                          # generate_candidates, T = 0
+    return accept_length, next_first
+
+
+def medusa_cases(n: int, seed: int):
+    """Random steps: logits at random scales and temperatures, candidates that are the
+    target's k-th most likely token (k = 0..3, as Medusa's top-k heads propose)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        V = int(torch.randint(3, 60, (), generator=gen))
+        gamma = int(torch.randint(1, 6, (), generator=gen))
+        scale = float(torch.rand((), generator=gen)) * 6
+        T = 0.2 + 1.3 * float(torch.rand((), generator=gen))
+        logits = (scale * torch.randn(gamma + 1, V, generator=gen)).float()
+        rank = torch.randint(0, min(4, V), (gamma,), generator=gen)
+        rank = torch.where(torch.rand(gamma, generator=gen) < 0.6, 0, rank)
+        order = logits[:-1].argsort(dim=-1, descending=True)
+        candidate = order.gather(1, rank[:, None]).squeeze(1)
+        yield logits, candidate, T
+
+
+def test_medusa_entropy_reproduces_medusas_decision_exactly():
+    """TypicalAcceptance(extra="greedy", entropy="medusa") makes Medusa's decision: the same
+    accepted length and, as the extra token, the next step's greedy first token."""
+    lengths, in_gap = [], 0
+    for i, (logits, candidate, T) in enumerate(medusa_cases(600, 31)):
+        p = torch.softmax(logits / T, dim=-1)
+        epsilon, delta = 0.09, 0.3
+        if i % 2:
+            # Put the first candidate between the exact threshold and Medusa's (ε = 1, δ
+            # chosen): only Medusa's own entropy form decides these as Medusa does.
+            row = p[0].double()
+            exact_H = torch.special.entr(row).sum()
+            medusa_H = -(row * torch.log(row + 1e-5)).sum()
+            epsilon, delta = 1.0, (row[candidate[0]] * torch.exp((exact_H + medusa_H) / 2)).item()
+            in_gap += 1
+        accept_length, first = medusa_step(logits, candidate, T, epsilon, delta)
+        rule = typical.TypicalAcceptance(epsilon, delta, extra="greedy", entropy="medusa")
+        v = rule.verify(candidate[None], None, p[None])
+        assert int(v.accepted) == accept_length, i
+        assert int(v.tokens[0, accept_length]) == first
+        assert torch.equal(v.tokens[0, :accept_length], candidate[:accept_length])
+        lengths.append(accept_length)
+        if i % 2:   # and there the exact form (the default) accepts the first candidate
+            assert accept_length == 0
+            assert int(typical.TypicalAcceptance(epsilon, delta).verify(candidate[None], None, p[None]).accepted) >= 1
+    gammas = torch.tensor(lengths)
+    assert (gammas == 0).any() and (gammas >= 2).any()          # both outcomes are exercised
+
+
+def test_exact_entropy_agrees_with_medusa_outside_the_gap_between_thresholds():
+    """The default (exact entropy) decides as Medusa's code except where p(x) lies between
+    the exact threshold and Medusa's (−Σ p log(p + 1e-5) is smaller, so its τ is larger)."""
+    rule = typical.TypicalAcceptance()
+    assert rule.extra == "greedy" and rule.entropy == "exact"
+    same = differ = 0
+    for logits, candidate, T in medusa_cases(1500, 32):
+        p = torch.softmax(logits / T, dim=-1)
+        accept_length, first = medusa_step(logits, candidate, T)
+        v = rule.verify(candidate[None], None, p[None])
+        if int(v.accepted) == accept_length:
+            same += 1
+            assert int(v.tokens[0, accept_length]) == first
+            continue
+        differ += 1
+        n = min(int(v.accepted), accept_length)                 # the first position judged differently
+        assert int(v.accepted) > accept_length                  # only Medusa's larger τ can reject more
+        row = p[n].double()
+        x = candidate[n]
+        tau_exact = typical.threshold(row, 0.09, 0.3).item()
+        tau_medusa = typical.threshold(row, 0.09, 0.3, entropy="medusa").item()
+        assert tau_exact * (1 - 1e-6) <= row[x].item() <= tau_medusa * (1 + 1e-6)
+    assert differ <= 0.01 * (same + differ), (same, differ)
+
+
+def test_medusa_entropy_form_is_smaller_than_the_exact_entropy():
+    gen = torch.Generator().manual_seed(33)
+    p = mixed_probs(200, 1, 40, gen).squeeze(1)
+    exact = typical.threshold(p, 1.0, 0.3)
+    medusa = typical.threshold(p, 1.0, 0.3, entropy="medusa")
+    assert (medusa >= exact).all() and (medusa > exact).any()
+    H = -(p * torch.log(p + 1e-5)).sum(-1)
+    torch.testing.assert_close(medusa, 0.3 * torch.exp(-H), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_greedy_extra_is_the_argmax_at_the_first_failure(extra):
+    """Known answer: row 0 fails at position 1, row 1 passes all (bonus at γ+1)."""
+    p = torch.tensor([[[0.7, 0.2, 0.1], [0.05, 0.35, 0.6], [0.5, 0.4, 0.1]],
+                      [[0.7, 0.2, 0.1], [0.05, 0.35, 0.6], [0.2, 0.2, 0.6]]])
+    x = torch.tensor([[0, 0], [0, 2]])
+    v = typical.verify(x, p, 0.09, 0.3, torch.Generator().manual_seed(0), extra=extra)
+    assert torch.equal(v.accepted, torch.tensor([1, 2]))
+    if extra == "greedy":
+        assert torch.equal(v.tokens, torch.tensor([[0, 2, -1], [0, 2, 2]]))     # argmax p_2, argmax p_3
+        r = typical.output_distribution(p[0, 1], torch.tensor(0), extra="greedy")
+        assert torch.equal(r, torch.tensor([0.0, 0.0, 1.0]))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input and edge cases (issue 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_uniform_target_at_delta_one_never_passes(dtype):
+    """The tie p(x) = δ exp(−H) = 1/V at δ = 1: a tie fails, for every V and dtype (without the
+    rounding margin of the tie rule, about half of all V would pass in float32)."""
+    for V in list(range(2, 65)) + [1000, 50257, 262144]:
+        p = torch.full((1, 3, V), 1.0 / V, dtype=dtype)
+        x = torch.zeros(1, 2, dtype=torch.long)
+        for extra in EXTRAS:
+            v = typical.verify(x, p, 1.0, 1.0, torch.Generator().manual_seed(0), extra=extra, validate=False)
+            assert int(v.accepted) == 0, (V, dtype, extra)
+        row = p[0, 0]
+        assert typical.acceptance_rate(row, row, 1.0, 1.0).item() == 0, (V, dtype)
+        assert typical.acceptance_rate(row, torch.tensor(V - 1), 1.0, 1.0).item() == 0, (V, dtype)
+
+
+def test_tie_margin_changes_no_decision_beyond_rounding():
+    """Drafts 1e-4 above (below) δ exp(−H), relatively, pass (fail): the margin only absorbs rounding."""
+    gen = torch.Generator().manual_seed(34)
+    p = mixed_probs(500, 1, 30, gen, torch.float32).squeeze(1)
+    x = torch.randint(30, (500,), generator=gen)
+    p_x = p.gather(1, x[:, None]).squeeze(1).double()
+    H = torch.special.entr(p.double()).sum(-1)
+    keep = p_x > 1e-3
+    for factor, expected in ((1 + 1e-4, 1.0), (1 - 1e-4, 0.0)):
+        for i in torch.nonzero(keep).flatten()[:100].tolist():
+            delta = (p_x[i] * torch.exp(H[i]) / factor).item()         # δ exp(−H) = p(x) / factor
+            assert typical.acceptance_rate(p[i], x[i], 1.0, delta).item() == expected
+
+
+def test_16bit_rows_are_normalised_before_the_test():
+    """bf16 [0.50390625, 0.50390625] sums to 1.0078 (within the 16-bit tolerance) and encodes
+    [0.5, 0.5]: with ε = 0.5 neither token passes (0.5 is not > 0.5), although the raw
+    entries exceed 0.5."""
+    row = torch.tensor([0.50390625, 0.50390625], dtype=torch.bfloat16)
+    p = row.expand(4, 2, 2)
+    x = torch.tensor([[0], [1], [0], [1]])
+    for extra in EXTRAS:
+        v = typical.verify(x, p, 0.5, 10.0, torch.Generator().manual_seed(0), extra=extra)
+        assert (v.accepted == 0).all()
+    assert typical.acceptance_rate(row, torch.tensor(0), 0.5, 10.0).item() == 0
+    assert typical.threshold(row, 1.0, 1.0).item() == pytest.approx(0.5, rel=1e-6)   # H of the normalised row
+    torch.testing.assert_close(typical.output_distribution(row, torch.tensor(0), 0.5, 10.0),
+                               torch.tensor([0.5, 0.5]), rtol=0, atol=1e-7)
+
+
+def test_empty_batches_in_the_laws():
+    p = torch.zeros(0, 5)
+    assert typical.threshold(p).shape == (0,)
+    assert typical.acceptance_rate(p, torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert typical.acceptance_rate(p, torch.zeros(0, 5)).shape == (0,)
+    for extra in EXTRAS:
+        assert typical.output_distribution(p, torch.zeros(0, dtype=torch.long), extra=extra).shape == (0, 5)
+    assert typical.output_distribution(torch.zeros(2, 0, 5), torch.zeros(2, 0, 5)).shape == (2, 0, 5)
+    v = typical.TypicalAcceptance().verify(torch.zeros(0, 2, dtype=torch.long), None, torch.zeros(0, 3, 5))
+    assert v.tokens.shape == (0, 3)
+
+
+def test_entropy_option_is_validated():
+    p5 = torch.full((5,), 0.2)
+    for fn in (typical.threshold, functools.partial(typical.acceptance_rate, draft=torch.tensor(0)),
+               functools.partial(typical.output_distribution, draft=torch.tensor(0))):
+        with pytest.raises(ValueError, match="`entropy`"):
+            fn(p5, entropy="nats")
+    with pytest.raises(ValueError, match="`entropy`"):
+        typical.verify(torch.zeros(1, 1, dtype=torch.long), p5.expand(1, 2, 5), entropy=None)

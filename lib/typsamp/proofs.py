@@ -15,7 +15,12 @@ Chapter 3 (speculative sampling): :func:`min_plus_positive_part`,
 :func:`residual_mass`, :func:`one_position_exact`, :func:`one_position_by_region`,
 :func:`speculative_step_distribution` with :func:`autoregressive_distribution`,
 :func:`naive_match_rule`, :func:`expected_tokens_sum`, :func:`expected_tokens_limit`,
-:func:`point_mass_draft`.
+:func:`point_mass_draft`; the normaliser of the residual for every V,
+:func:`residual_mass_general`, with :func:`one_position_general` (P(emit x) = p(x) with
+the normaliser derived, not assumed) and :func:`alpha_one_case`; Leviathan et al.'s
+lenience, :func:`lenient_min_scaling`, :func:`lenient_residual_mass_general` and
+:func:`lenient_one_position_by_region`. :func:`residual_mass` and
+:func:`one_position_by_region` take V and are checked for V = 2..6 in the tests.
 
 Chapter 5 (temperature against acceptance): :func:`self_draft_rejection`,
 :func:`greedy_draft_slope`, :func:`self_match_limits`.
@@ -51,6 +56,12 @@ __all__ = [
     "expected_tokens_sum",
     "expected_tokens_limit",
     "point_mass_draft",
+    "residual_mass_general",
+    "one_position_general",
+    "alpha_one_case",
+    "lenient_min_scaling",
+    "lenient_residual_mass_general",
+    "lenient_one_position_by_region",
     "self_draft_rejection",
     "greedy_draft_slope",
     "self_match_limits",
@@ -70,10 +81,17 @@ class Claim:
     rhs: sp.Expr
 
     def holds(self) -> bool:
-        """True when sympy proves ``lhs - rhs`` is identically zero."""
+        """True when sympy proves ``lhs - rhs`` is identically zero.
+
+        When plain simplification leaves ``Max``/``Min`` terms (inside a sum over a
+        symbolic range, say), they are rewritten as ``Piecewise`` case distinctions and
+        simplified again: an equivalent form, so no false claim can pass this way.
+        """
         difference = sp.simplify(self.lhs.doit() - self.rhs)
         if isinstance(difference, sp.MatrixBase):
             return difference.is_zero_matrix is True
+        if difference != 0 and difference.has(sp.Max, sp.Min):
+            difference = sp.simplify(difference.rewrite(sp.Piecewise))
         return difference == 0
 
     def _repr_latex_(self) -> str:
@@ -214,8 +232,10 @@ def residual_mass(V: int = 3) -> Claim:
 def one_position_exact() -> list[Claim]:
     """General V, argued in the two lemmas: P(emit x) = min(p, q) + (p - q)_+ = p(x).
 
-    The claims here are the final step, min(p(x), q(x)) + (1 - alpha) * r(x) / (1 - alpha)
-    = p(x), with alpha and the residual mass left symbolic (alpha < 1).
+    The claims here are only the final step, min(p(x), q(x)) + (1 - alpha) * r(x) / (1 - alpha)
+    = p(x), with the normaliser of the residual *taken* to be 1 - alpha (alpha < 1);
+    :func:`residual_mass_general` proves that for every V and :func:`one_position_general`
+    repeats the step with the normaliser derived, not assumed.
     """
     px = sp.Symbol("p_x", nonnegative=True)
     alpha = sp.Symbol("alpha", nonnegative=True)
@@ -267,6 +287,138 @@ def one_position_by_region(V: int = 3) -> list[tuple[tuple[bool, ...], list[Clai
         total = sp.Add(*residual)
         emitted = [m + (1 - alpha) * r / total for m, r in zip(mins, residual)]
         out.append((region, [Claim(f"x{i + 1}", e, px) for i, (e, px) in enumerate(zip(emitted, p))]))
+    return out
+
+
+# The residual's normaliser for every V (symbolic V), and the alpha = 1 case.
+
+_V = sp.Symbol("V", integer=True, positive=True)
+_Y = sp.Symbol("y", integer=True, positive=True)
+_P = sp.IndexedBase("p", nonnegative=True)
+_Q = sp.IndexedBase("q", nonnegative=True)
+
+
+def _over_y(term) -> sp.Sum:
+    """sum_{y=1}^{V} term, V symbolic."""
+    return sp.Sum(term, (_Y, 1, _V))
+
+
+def residual_mass_general() -> Claim:
+    """Lemma 2 for every vocabulary size V (V a symbol, p and q indexed symbols):
+
+        sum_y (p_y - q_y)_+ - (1 - alpha) = sum_y p_y - 1,   alpha = sum_y min(p_y, q_y),
+
+    so for any p that sums to 1 the residual's normaliser is exactly 1 - alpha. Proved from
+    lemma 1 term by term (sympy splits each Max and Min into its two cases).
+    """
+    lhs = _over_y(_positive_part(_P[_Y] - _Q[_Y])) - (1 - _over_y(sp.Min(_P[_Y], _Q[_Y])))
+    return Claim("sum_y (p-q)+ - (1 - alpha) = sum_y p - 1, every V", lhs, _over_y(_P[_Y]) - 1)
+
+
+def one_position_general() -> list[Claim]:
+    """P(emit x) = p(x) for every V, with the residual's normaliser derived.
+
+    P(emit x) = min(p(x), q(x)) + P(reject) (p(x) - q(x))_+ / R, where P(reject) = 1 - alpha
+    and R = sum_y (p_y - q_y)_+ is the normaliser. :func:`residual_mass_general` gives
+    R = (1 - alpha) + (S - 1) with S = sum_y p_y; here R is written that way and S = 1 (p
+    is a distribution) is the only assumption. Both cases of lemma 1 (alpha < 1).
+    """
+    px = sp.Symbol("p_x", nonnegative=True)
+    alpha = sp.Symbol("alpha", nonnegative=True)
+    S = sp.Symbol("S", positive=True)                   # sum_y p_y
+    d = sp.Symbol("d", nonnegative=True)
+    e = sp.Symbol("e", positive=True)
+    normaliser = (1 - alpha) + (S - 1)                  # R, by residual_mass_general
+
+    def emitted(qx):
+        resample = (1 - alpha) * _positive_part(px - qx) / normaliser
+        return (sp.Min(px, qx) + resample).subs(S, 1)
+
+    return [
+        Claim("P(emit x) = p(x) when p(x) >= q(x), R from lemma 2", emitted(px - d), px),
+        Claim("P(emit x) = p(x) when p(x) < q(x), R from lemma 2", emitted(px + e), px),
+    ]
+
+
+def alpha_one_case() -> list[Claim]:
+    """alpha = 1: nothing is ever rejected, and P(emit x) = min(p(x), q(x)) = p(x).
+
+    By :func:`residual_mass_general`, sum_y (p_y - q_y)_+ = S - alpha = 0 when S = 1 and
+    alpha = 1; each term is non-negative (claim 2: (a)_+ = |(a)_+|), so each is 0, and
+    claim 1 (lemma 1 rearranged) turns min(p(x), q(x)) into p(x) - 0. The residual's
+    normaliser is never divided by, because P(reject) = 1 - alpha = 0.
+    """
+    a = sp.Symbol("a", real=True)
+    b = sp.Symbol("b", real=True)
+    total = (_over_y(_positive_part(_P[_Y] - _Q[_Y])) + _over_y(sp.Min(_P[_Y], _Q[_Y]))
+             - _over_y(_P[_Y]))                          # = sum (p-q)+ - (S - alpha), = 0
+    return [
+        Claim("min(a, b) = a - (a - b)+", sp.Min(a, b), a - _positive_part(a - b)),
+        Claim("(a)+ = |(a)+| (non-negative)", sp.Abs(_positive_part(a)), _positive_part(a)),
+        Claim("sum (p-q)+ = S - alpha, every V", total, 0),
+    ]
+
+
+# Leviathan et al.'s lenience l in (0, 1] (Appendix A.5): accept x with min(1, p/(l q)),
+# resample from norm((p - l q)_+).
+
+LENIENCE = sp.Symbol("l", positive=True)
+
+
+def lenient_min_scaling() -> list[Claim]:
+    """l min(q, p / l) = min(l q, p) for l > 0, in both cases (so the lenient acceptance
+    rate beta = sum min(q, p/l) has l beta = sum min(p, l q))."""
+    p = sp.Symbol("p", nonnegative=True)
+    d = sp.Symbol("d", nonnegative=True)
+    e = sp.Symbol("e", positive=True)
+    l = LENIENCE
+    claims = []
+    for case, q in (("l q <= p", (p - d) / l), ("l q > p", (p + e) / l)):
+        claims.append(Claim(f"l min(q, p/l) = min(l q, p) when {case}", l * sp.Min(q, p / l), sp.Min(l * q, p)))
+    return claims
+
+
+def lenient_residual_mass_general() -> Claim:
+    """For every V: sum_y (p_y - l q_y)_+ = S - l beta, beta = sum_y min(q_y, p_y / l).
+
+    Lemma 2 with w = l q in place of q (min(p, l q) = l min(q, p/l) by
+    :func:`lenient_min_scaling`; lemma 1 holds for any real w, so w_y stands for l q_y);
+    with S = 1 the lenient residual's normaliser is 1 - l beta.
+    """
+    lq = sp.IndexedBase("w", nonnegative=True)[_Y]     # w_y = l q_y
+    lhs = _over_y(_positive_part(_P[_Y] - lq)) + _over_y(sp.Min(_P[_Y], lq))
+    return Claim("sum_y (p - w)+ + sum_y min(p, w) = sum_y p, w = l q, every V", lhs, _over_y(_P[_Y]))
+
+
+def lenient_one_position_by_region(V: int = 3) -> list[tuple[tuple[bool, ...], list[Claim]]]:
+    """The lenient one-position law, region by region, for symbolic p, q, l on V tokens.
+
+    A region fixes, for each token, whether p(y) >= l q(y). Inside it the acceptance is
+    min(q, p/l) (q where p >= l q, p/l elsewhere) and the residual (p - l q)_+ is plain.
+    Claims: the residual's normaliser is 1 - l beta; the law
+    r(y) = min(q, p/l) + (1 - beta) (p - l q)_+ / (1 - l beta) sums to 1; and at l = 1 it
+    is p (the exact rule). The region with every p < l q is empty (sum p = 1 > l sum q
+    would fail). Returns ``[(region, claims), ...]``.
+    """
+    if V < 2:
+        raise ValueError(f"`V` must be >= 2, got {V}")
+    p = _distribution("p", V)
+    q = _distribution("q", V)
+    l = LENIENCE
+    out = []
+    for region in itertools.product((True, False), repeat=V):
+        if not any(region):
+            continue
+        kept = [qy if ge else py / l for py, qy, ge in zip(p, q, region)]
+        residual = [py - l * qy if ge else sp.Integer(0) for py, qy, ge in zip(p, q, region)]
+        beta = sp.Add(*kept)
+        total = sp.Add(*residual)
+        law = [k + (1 - beta) * r / (1 - l * beta) for k, r in zip(kept, residual)]
+        claims = [Claim("normaliser = 1 - l beta", total, 1 - l * beta)]
+        if not all(region):         # all p >= l q allows 1 - l beta = 0 (l = 1, p = q): no division then
+            claims.append(Claim("sum_y r(y) = 1", sp.Add(*law), sp.Integer(1)))
+            claims += [Claim(f"x{i + 1}: r = p at l = 1", r.subs(l, 1), py) for i, (r, py) in enumerate(zip(law, p))]
+        out.append((region, claims))
     return out
 
 

@@ -12,131 +12,161 @@ target sampling them one at a time (``typsamp.proofs`` checks this symbolically)
 rule, as Medusa's candidates are): q_i is then a point mass on x_i, the acceptance
 probability is p_i(x_i), and the residual is p_i with x_i removed.
 
-:func:`verify` is vectorised over batch and draft positions, with no Python loop over
-positions, rows or the vocabulary and no host synchronisation once inputs are checked
-(pass ``validate=False`` in a hot loop whose inputs you built yourself), so it runs under
-``torch.compile`` and CUDA graphs. :func:`verify_reference` is the same rule written
-as plainly as possible, one row and one position at a time; the chapter shows it and
-the tests use it as the oracle.
+The rules are objects (:class:`typsamp.rules.Rule`): :class:`RejectionSampling` (name
+``"rejection"``) and :class:`ExactMatch` (``"match"``). :func:`verify` and
+:func:`verify_match` are thin functional wrappers around them. Both are vectorised over
+batch and draft positions, with no Python loop over positions, rows or the vocabulary
+and no host synchronisation once inputs are checked (pass ``validate=False``, or call
+the rule's ``kernel``, in a hot loop whose inputs you built yourself), so they run under
+``torch.compile`` and CUDA graphs. Every rule works on rows divided by their sums
+(:func:`typsamp.rules.normalised`), so its output follows exactly the normalised target
+even for 16-bit rows that sum to 1 only within rounding. :func:`verify_reference` is the
+same rule written as plainly as possible, one row and one position at a time; the
+chapter shows it and the tests use it as the oracle.
+
+**Lenience** (Leviathan et al. 2023, Appendix A.5): ``RejectionSampling(lenience=l)``
+with l in (0, 1] accepts x with probability min(1, p(x) / (l q(x))) and, at a rejection,
+draws from norm(max(0, p - l q)). l = 1 is the exact rule; smaller l accepts more drafts
+and the output is no longer p. Its one-position law is :func:`lenient_output_distribution`:
+
+    r(y) = min(q(y), p(y)/l) + (1 - β) (p(y) - l q(y))_+ / (1 - l β),   β = Σ_y min(q(y), p(y)/l)
+
+(β is the acceptance rate). As l → 0 every draft the target allows (p(x) > 0) is kept;
+l = 0 itself (the paper's "always accept") is not allowed, because a draft with
+p(x) = 0 would then be kept although the target can never produce it.
 
 Also the theory of Leviathan et al. §3: :func:`acceptance_rate`,
-:func:`expected_tokens`, :func:`speedup`, :func:`optimal_gamma`.
+:func:`expected_tokens`, :func:`speedup`, :func:`optimal_gamma`. Draft lengths in the
+theory are bounded by :data:`MAX_GAMMA` (10**6): no decoder drafts more per step, and
+the bound keeps :func:`optimal_gamma`'s search to milliseconds.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from typsamp import checks
-from typsamp.sampling import sample_weights
+from typsamp.sampling import RowSeeds, sample_weights, uniform
+from typsamp.rules import Rule, Verdict, accepted_prefix, check_step, emit, normalised
 
 __all__ = [
     "Verdict",
+    "RejectionSampling",
+    "ExactMatch",
     "verify",
     "verify_reference",
     "verify_match",
+    "lenient_output_distribution",
     "acceptance_rate",
     "expected_tokens",
     "speedup",
     "optimal_gamma",
+    "MAX_GAMMA",
 ]
+
+#: The largest draft length the theory functions accept (and ``optimal_gamma`` searches).
+MAX_GAMMA = 10**6
+
+
+def _lenience(lenience) -> float:
+    return checks.real("lenience", lenience, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """The outcome of one verification step for a batch of B rows.
+class RejectionSampling(Rule):
+    """Speculative sampling's rule (Leviathan et al. 2023; Chen et al. 2023), batched.
 
-    Attributes:
-        tokens: int64 [B, γ+1]. Row b holds its accepted drafts, then the one token the
-            rule adds (resampled at the first rejection, or the bonus token when all γ
-            drafts were accepted), then -1 padding.
-        accepted: int64 [B], how many drafts were accepted, 0..γ. Row b emits
-            ``accepted[b] + 1`` tokens.
+    ``lenience`` l in (0, 1]: 1 (default) is the exact rule; l < 1 is Leviathan et al.'s
+    inexact relaxation (Appendix A.5; see the module docstring). ``draft_probs=None``
+    means point-mass drafts. All arithmetic is float32 (float64 stays float64).
     """
 
-    tokens: torch.Tensor
-    accepted: torch.Tensor
+    lenience: float = 1.0
 
-    @property
-    def emitted(self) -> torch.Tensor:
-        """int64 [B]: tokens emitted per row, ``accepted + 1``."""
-        return self.accepted + 1
+    name = "rejection"
+    needs_draft_probs = True
+    supports_tree = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "lenience", _lenience(self.lenience))
+
+    def kernel(self, draft_tokens, draft_probs, target_probs, generator) -> Verdict:
+        B, gamma = draft_tokens.shape
+        dtype = checks.compute_dtype(target_probs)
+        p = normalised(target_probs, dtype)
+        x = draft_tokens[..., None]
+        p_x = p[:, :gamma].gather(-1, x).squeeze(-1)                      # p_i(x_i)  [B, γ]
+        if draft_probs is None:
+            q_x = torch.ones_like(p_x)                                     # point mass
+        else:
+            q = normalised(draft_probs, dtype)
+            q_x = q.gather(-1, x).squeeze(-1)                              # q_i(x_i)  [B, γ]
+        lenient = self.lenience != 1.0
+        if lenient:
+            q_x = q_x * self.lenience
+
+        # Accept x_i with probability min(1, p/(l q)): u < p/(l q), written u*l*q < p.
+        u = uniform((B, gamma), dtype=dtype, device=p.device, generator=generator)
+        accepted = accepted_prefix(u * q_x < p_x)                          # [B]
+
+        # The extra token's distribution at position n = accepted: the residual
+        # max(0, p_n - l q_n) after a rejection, or p_{γ+1} itself when all γ passed.
+        rows = torch.arange(B, device=p.device)
+        p_n = p[rows, accepted]                                            # [B, V]
+        rejected = (accepted < gamma)[:, None]
+        at = accepted.clamp(max=gamma - 1)
+        if draft_probs is None:
+            q_n = torch.zeros_like(p_n).scatter_(-1, draft_tokens[rows, at][:, None], 1.0)
+        else:
+            q_n = q[rows, at]
+        if lenient:
+            q_n = q_n * self.lenience
+        residual = torch.where(rejected, (p_n - q_n).clamp(min=0), p_n)
+        # A residual with no mass means p_n <= l q_n everywhere (so l = 1 and p_n = q_n;
+        # for a point mass: p_n one-hot on x_n), where a rejection has probability 0;
+        # fall back to p_n rather than divide by 0.
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+        extra = sample_weights(residual, generator)
+        return emit(draft_tokens, accepted, extra)
 
 
-def check_step(draft_tokens, draft_probs, target_probs, generator, validate: bool):
-    """Validate one verification step's inputs (shared by every verification rule).
+@dataclass(frozen=True)
+class ExactMatch(Rule):
+    """The exact-match rule: keep draft x_i while the target's own sample y_i ~ p_i equals it.
 
-    Shapes, dtypes and devices are always checked (no synchronisation needed); values
-    (token ids in range, probabilities non-negative and summing to 1) only when
-    ``validate`` is true, because those checks read the tensors back to the host.
-    Returns ``(B, gamma, V)``.
+    The target samples y_1..y_{γ+1} (one uniform per position); drafts are kept up to
+    the first i with y_i != x_i, and y_i is emitted there (y_{γ+1} when all match). Every
+    emitted token is the target's own sample given a prefix equal to its own earlier
+    samples, so the output is exactly p, like :class:`RejectionSampling`; but a draft
+    x ~ q is kept with probability Σ_x p(x) q(x) instead of Σ_x min(p(x), q(x)), which is
+    smaller (chapter 5). ``draft_probs`` is accepted and ignored.
     """
-    checks.tensor("draft_tokens", draft_tokens)
-    if draft_tokens.dtype != torch.int64:
-        raise checks.InputTypeError(f"`draft_tokens` must be int64, got {draft_tokens.dtype}")
-    if draft_tokens.dim() != 2:
-        raise ValueError(f"`draft_tokens` must have shape [B, gamma], got {tuple(draft_tokens.shape)}")
-    B, gamma = draft_tokens.shape
-    if gamma < 1:
-        raise ValueError("`draft_tokens` must hold at least one draft token (gamma >= 1)")
-    checks.tensor("target_probs", target_probs, floating=True)
-    if target_probs.dim() != 3 or tuple(target_probs.shape[:2]) != (B, gamma + 1):
-        raise ValueError(
-            f"`target_probs` must have shape [B, gamma + 1, V] = [{B}, {gamma + 1}, V], "
-            f"got {tuple(target_probs.shape)}"
-        )
-    V = target_probs.shape[-1]
-    if V < 1:
-        raise ValueError("`target_probs` has an empty vocabulary dimension")
-    devices = {"draft_tokens": draft_tokens.device, "target_probs": target_probs.device}
-    if draft_probs is not None:
-        checks.tensor("draft_probs", draft_probs, floating=True)
-        if draft_probs.dim() != 3 or tuple(draft_probs.shape[:2]) != (B, gamma):
-            raise ValueError(
-                f"`draft_probs` must have shape [B, gamma, V] = [{B}, {gamma}, V], "
-                f"got {tuple(draft_probs.shape)}"
-            )
-        if draft_probs.shape[-1] != V:
-            raise ValueError(
-                f"draft and target vocabularies differ: `draft_probs` has V = {draft_probs.shape[-1]}, "
-                f"`target_probs` has V = {V}"
-            )
-        devices["draft_probs"] = draft_probs.device
-    if len(set(devices.values())) > 1:
-        where = ", ".join(f"`{name}` on {device}" for name, device in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {where}")
-    checks.generator("generator", generator, target_probs.device)
-    if validate:
-        if B > 0 and (int(draft_tokens.min()) < 0 or int(draft_tokens.max()) >= V):
-            raise ValueError(f"`draft_tokens` must be token ids in [0, {V}), got values outside")
-        if B > 0:
-            checks.probs("target_probs", target_probs)
-            if draft_probs is not None:
-                checks.probs("draft_probs", draft_probs)
-    return B, gamma, V
 
+    name = "match"
+    needs_draft_probs = False
+    supports_tree = False
 
-def emit(draft_tokens: torch.Tensor, accepted: torch.Tensor, extra: torch.Tensor) -> Verdict:
-    """Assemble a :class:`Verdict`: accepted drafts, the extra token, then -1 padding."""
-    B, gamma = draft_tokens.shape
-    position = torch.arange(gamma + 1, device=draft_tokens.device)
-    padded = torch.cat([draft_tokens, draft_tokens.new_full((B, 1), -1)], dim=1)
-    n = accepted[:, None]
-    tokens = torch.where(position < n, padded, torch.where(position == n, extra[:, None], -1))
-    return Verdict(tokens=tokens, accepted=accepted)
+    def kernel(self, draft_tokens, draft_probs, target_probs, generator) -> Verdict:
+        gamma = draft_tokens.shape[1]
+        p = normalised(target_probs, checks.compute_dtype(target_probs))
+        y = sample_weights(p, generator)                                  # [B, γ+1]
+        accepted = accepted_prefix(y[:, :gamma] == draft_tokens)
+        return emit(draft_tokens, accepted, y.gather(1, accepted[:, None]).squeeze(1))
 
 
 def verify(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowSeeds | None = None,
     *,
     validate: bool = True,
+    lenience: float = 1.0,
 ) -> Verdict:
-    """Speculative sampling's verification, batched.
+    """Speculative sampling's verification, batched: ``RejectionSampling(lenience).verify``.
 
     Args:
         draft_tokens: int64 [B, γ], the drafts x_1..x_γ of each row.
@@ -145,44 +175,17 @@ def verify(
             drafts were deterministic (q_i is the point mass on x_i).
         target_probs: [B, γ+1, V], the target's warped distributions at each draft
             position plus one more (for the bonus token).
-        generator: optional ``torch.Generator`` on the tensors' device.
-        validate: check values too (see :func:`check_step`); shapes are always checked.
+        generator: ``None``, a ``torch.Generator`` on the tensors' device, or a
+            :class:`typsamp.rng.RowSeeds` (one stream per row).
+        validate: check values too (see :func:`typsamp.rules.check_step`); shapes are
+            always checked.
+        lenience: Leviathan et al.'s lenience l in (0, 1]; 1 is exact.
 
     Returns:
         :class:`Verdict`. All arithmetic is float32 (float64 stays float64).
     """
-    B, gamma, V = check_step(draft_tokens, draft_probs, target_probs, generator, validate)
-    dtype = checks.compute_dtype(target_probs)
-    p = target_probs.to(dtype)
-    x = draft_tokens[..., None]
-    p_x = p[:, :gamma].gather(-1, x).squeeze(-1)                          # p_i(x_i)  [B, γ]
-    if draft_probs is None:
-        q_x = torch.ones_like(p_x)                                         # point mass
-    else:
-        q = draft_probs.to(dtype)
-        q_x = q.gather(-1, x).squeeze(-1)                                  # q_i(x_i)  [B, γ]
-
-    # Accept x_i with probability min(1, p/q): u < p/q, written u*q < p to avoid 0/0.
-    u = torch.rand(B, gamma, dtype=dtype, device=p.device, generator=generator)
-    ok = u * q_x < p_x
-    accepted = ok.long().cumprod(dim=1).sum(dim=1)                         # [B]
-
-    # The distribution of the extra token, at position n = accepted: the residual
-    # max(0, p_n - q_n) after a rejection, or p_{γ+1} itself when all γ passed.
-    rows = torch.arange(B, device=p.device)
-    p_n = p[rows, accepted]                                                # [B, V]
-    rejected = (accepted < gamma)[:, None]
-    at = accepted.clamp(max=gamma - 1)
-    if draft_probs is None:
-        q_n = torch.zeros_like(p_n).scatter_(-1, draft_tokens[rows, at][:, None], 1.0)
-    else:
-        q_n = q[rows, at]
-    residual = torch.where(rejected, (p_n - q_n).clamp(min=0), p_n)
-    # A residual with no mass means p_n = q_n (for a point mass: p_n one-hot on x_n),
-    # where a rejection has probability 0; fall back to p_n rather than divide by 0.
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
-    extra = sample_weights(residual, generator)
-    return emit(draft_tokens, accepted, extra)
+    return RejectionSampling(lenience).verify(draft_tokens, draft_probs, target_probs, generator,
+                                              validate=validate)
 
 
 def verify_reference(
@@ -190,127 +193,219 @@ def verify_reference(
     draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
     generator: torch.Generator | None = None,
+    *,
+    lenience: float = 1.0,
 ) -> Verdict:
     """The same rule as :func:`verify`, one row and one position at a time.
 
-    Deliberately plain: it reads like the algorithm in the paper and serves as the
-    oracle in the tests. Slow; do not use it to generate text.
+    Deliberately plain: it reads like the algorithm in the paper and serves
+    as the oracle in the tests. Slow; do not use it to generate text. It
+    draws its uniforms one at a time, so it takes a ``torch.Generator`` or
+    ``None``, not per-row seeds.
     """
-    B, gamma, V = check_step(draft_tokens, draft_probs, target_probs, generator, True)
+    lenience = _lenience(lenience)
+    B, gamma, V = check_step(draft_tokens, draft_probs, target_probs,
+                             generator, True)
+    if isinstance(generator, RowSeeds):
+        raise checks.InputTypeError(
+            "`generator` of verify_reference must be a torch.Generator "
+            "or None (it draws one number at a time)")
     device = target_probs.device
 
-    def uniform() -> float:
-        return float(torch.rand((), dtype=torch.float64, device=device, generator=generator))
+    def uniform_one() -> float:
+        u = torch.rand((), dtype=torch.float64, device=device,
+                       generator=generator)
+        return float(u)
 
     def draw(weights: torch.Tensor) -> int:
-        """One token from unnormalised weights, by inverting the cumulative sum."""
+        """One token from unnormalised weights: invert the cumulative sum."""
         cdf = weights.cumsum(0)
-        return int((cdf <= uniform() * float(cdf[-1])).sum().clamp(max=V - 1))
+        below = cdf <= uniform_one() * float(cdf[-1])
+        return int(below.sum().clamp(max=V - 1))
 
     tokens = torch.full((B, gamma + 1), -1, dtype=torch.int64)
     accepted = torch.zeros(B, dtype=torch.int64)
     for b in range(B):
         for i in range(gamma + 1):
             p = target_probs[b, i].double().cpu()
-            if i == gamma:                                    # every draft accepted:
-                tokens[b, i] = draw(p)                        # bonus token from p_{γ+1}
+            p = p / p.sum()                     # the normalised target
+            if i == gamma:
+                # every draft accepted: the bonus token, from p_{γ+1}
+                tokens[b, i] = draw(p)
                 break
             x = int(draft_tokens[b, i])
             if draft_probs is None:
                 q = torch.zeros(V, dtype=torch.float64)
-                q[x] = 1.0                                    # deterministic draft
+                q[x] = 1.0                      # deterministic draft
             else:
                 q = draft_probs[b, i].double().cpu()
-            if uniform() * q[x] < p[x]:                       # accept with prob min(1, p/q)
+                q = q / q.sum()
+            # accept with probability min(1, p(x) / (l q(x)))
+            if uniform_one() * lenience * q[x] < p[x]:
                 tokens[b, i] = x
                 accepted[b] += 1
                 continue
-            residual = (p - q).clamp(min=0)                   # reject: draw from norm(max(0, p - q))
+            # reject: draw from norm(max(0, p - l q)), or p if that is 0
+            residual = (p - lenience * q).clamp(min=0)
             tokens[b, i] = draw(residual if residual.sum() > 0 else p)
             break
-    return Verdict(tokens=tokens.to(draft_tokens.device), accepted=accepted.to(draft_tokens.device))
+    device = draft_tokens.device
+    return Verdict(tokens=tokens.to(device), accepted=accepted.to(device))
 
 
 def verify_match(
     draft_tokens: torch.Tensor,
     target_probs: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowSeeds | None = None,
     *,
     draft_probs: torch.Tensor | None = None,
     validate: bool = True,
 ) -> Verdict:
-    """The exact-match rule: keep draft x_i while the target's own sample y_i ~ p_i equals it.
+    """The exact-match rule, functional form: ``ExactMatch().verify`` (see :class:`ExactMatch`).
 
-    The target samples y_1..y_{γ+1} (one uniform per position); drafts are kept up to
-    the first i with y_i != x_i, and y_i is emitted there (y_{γ+1} when all match). Every
-    emitted token is the target's own sample given a prefix equal to its own earlier
-    samples, so the output is exactly p, like :func:`verify`; but a draft x ~ q is kept
-    with probability sum_x p(x) q(x) instead of sum_x min(p(x), q(x)), which is smaller
-    (chapter 5). ``draft_probs`` is accepted and ignored so the rule plugs into
+    ``draft_probs`` is accepted and ignored so the rule plugs into
     :func:`typsamp.generate.speculative`.
     """
-    if draft_probs is not None and not isinstance(draft_probs, torch.Tensor):
-        raise checks.InputTypeError(f"`draft_probs` must be a tensor or None, got {type(draft_probs).__name__}")
-    B, gamma, V = check_step(draft_tokens, None, target_probs, generator, validate)
-    dtype = checks.compute_dtype(target_probs)
-    y = sample_weights(target_probs.to(dtype), generator)                 # [B, γ+1]
-    accepted = (y[:, :gamma] == draft_tokens).long().cumprod(dim=1).sum(dim=1)
-    return emit(draft_tokens, accepted, y.gather(1, accepted[:, None]).squeeze(1))
+    return ExactMatch().verify(draft_tokens, draft_probs, target_probs, generator, validate=validate)
+
+
+def lenient_output_distribution(p: torch.Tensor, q: torch.Tensor, lenience: float) -> torch.Tensor:
+    """The exact law of the token one lenient step emits at one position (draft x ~ q).
+
+    r(y) = min(q(y), p(y)/l) + (1 - β) (p(y) - l q(y))_+ / (1 - l β), with
+    β = Σ_y min(q(y), p(y)/l) the acceptance rate (module docstring). At l = 1 this is p.
+    ``p`` and ``q`` [..., V] must broadcast; rows are normalised first. Returns float32
+    (float64 if either input is float64).
+    """
+    lenience = _lenience(lenience)
+    p, q = _pair(p, q)
+    kept = torch.minimum(q, p / lenience)                                  # accept and emit y
+    beta = kept.sum(dim=-1, keepdim=True)
+    residual = (p - lenience * q).clamp(min=0)
+    mass = residual.sum(dim=-1, keepdim=True)                              # = 1 - l β
+    resampled = torch.where(mass > 0, residual / torch.where(mass > 0, mass, 1), 0)
+    return kept + (1 - beta).clamp(min=0) * resampled
 
 
 # ---------------------------------------------------------------------------------------
 # Theory (Leviathan et al. 2023, section 3)
 
 
-def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """α = Σ_x min(p(x), q(x)) = 1 - TV(p, q), over the last dimension."""
+def _pair(p, q) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check two probability tensors that must broadcast; return them normalised."""
     checks.probs("p", p)
     checks.probs("q", q)
     if p.shape[-1] != q.shape[-1]:
         raise ValueError(f"`p` and `q` have different vocabularies: {p.shape[-1]} vs {q.shape[-1]}")
+    try:
+        torch.broadcast_shapes(p.shape, q.shape)
+    except RuntimeError:
+        raise ValueError(f"the shapes of `p` {tuple(p.shape)} and `q` {tuple(q.shape)} do not broadcast") from None
+    if p.device != q.device:
+        raise ValueError(f"`p` is on {p.device} but `q` is on {q.device}")
     dtype = checks.compute_dtype(p, q)
-    return torch.minimum(p.to(dtype), q.to(dtype)).sum(dim=-1)
+    return normalised(p, dtype), normalised(q, dtype)
+
+
+def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """α = Σ_x min(p(x), q(x)) = 1 - TV(p, q), over the last dimension.
+
+    ``p`` and ``q`` [..., V] must broadcast (an empty batch gives an empty result).
+    Returns float32, or float64 if either input is float64.
+    """
+    p, q = _pair(p, q)
+    return torch.minimum(p, q).sum(dim=-1)
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _number(name: str, value, *, integer: bool) -> torch.Tensor:
+    """A real (or, with ``integer``, an integer) scalar or tensor: no bool, str or None."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in _INTEGER_DTYPES):
+            raise checks.InputTypeError(f"`{name}` must be a real tensor, got dtype {value.dtype}")
+        t = value
+    else:
+        if isinstance(value, bool) or value is None or isinstance(value, (str, bytes)):
+            raise checks.InputTypeError(f"`{name}` must be a number or a tensor, got {type(value).__name__}")
+        if isinstance(value, numbers.Integral) and abs(int(value)) > 2**62:
+            raise ValueError(f"`{name}` is too large: {value}")
+        try:
+            t = torch.as_tensor(value)
+            if t.is_floating_point():
+                t = torch.as_tensor(value, dtype=torch.float64)      # Python floats are doubles
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise ValueError(f"`{name}` is not a real number or array of them ({error})") from None
+        if not (t.is_floating_point() or t.dtype in _INTEGER_DTYPES):
+            raise checks.InputTypeError(f"`{name}` must hold real numbers, got dtype {t.dtype}")
+    if integer:
+        if t.is_floating_point():
+            raise ValueError(f"`{name}` must be a non-negative integer, got a floating value")
+        if t.numel() and ((t < 0).any() or (t > MAX_GAMMA).any()):
+            raise ValueError(f"`{name}` must be an integer in [0, {MAX_GAMMA}]")
+        return t.to(torch.float64)
+    t = t.to(torch.float64)
+    if t.numel() and not torch.isfinite(t).all():
+        raise ValueError(f"`{name}` must be finite")
+    return t
 
 
 def _alpha_gamma(alpha, gamma):
-    alpha = torch.as_tensor(alpha, dtype=torch.float64)
-    if torch.isnan(alpha).any() or (alpha < 0).any() or (alpha > 1).any():
+    alpha = _number("alpha", alpha, integer=False)
+    if alpha.numel() and ((alpha < 0).any() or (alpha > 1).any()):
         raise ValueError("`alpha` must lie in [0, 1]")
-    gamma_t = torch.as_tensor(gamma)
-    if gamma_t.is_floating_point() or gamma_t.dtype == torch.bool or (gamma_t < 0).any():
-        raise ValueError("`gamma` must be a non-negative integer")
-    return alpha, gamma_t.to(torch.float64)
+    gamma = _number("gamma", gamma, integer=True)
+    try:
+        torch.broadcast_shapes(alpha.shape, gamma.shape)
+    except RuntimeError:
+        raise ValueError(f"the shapes of `alpha` {tuple(alpha.shape)} and `gamma` {tuple(gamma.shape)} "
+                         "do not broadcast") from None
+    return alpha, gamma
 
 
-def expected_tokens(alpha, gamma) -> torch.Tensor:
-    """E[tokens per step] = (1 - α^{γ+1}) / (1 - α); γ + 1 at α = 1 (Leviathan et al. eq. 1).
-
-    Broadcasts over tensors of α and γ; returns float64.
-    """
-    alpha, gamma = _alpha_gamma(alpha, gamma)
+def _expected_tokens(alpha: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     one = alpha == 1
     safe = torch.where(one, torch.zeros_like(alpha), alpha)
     return torch.where(one, gamma + 1, (1 - safe ** (gamma + 1)) / (1 - safe))
 
 
+def expected_tokens(alpha, gamma) -> torch.Tensor:
+    """E[tokens per step] = (1 - α^{γ+1}) / (1 - α); γ + 1 at α = 1 (Leviathan et al. eq. 1).
+
+    ``alpha`` in [0, 1] and ``gamma`` an integer in [0, MAX_GAMMA], numbers or tensors
+    that broadcast; bools, strings and None are refused. Returns float64.
+    """
+    alpha, gamma = _alpha_gamma(alpha, gamma)
+    return _expected_tokens(alpha, gamma)
+
+
 def speedup(alpha, gamma, c) -> torch.Tensor:
     """Expected wall-time speed-up (1 - α^{γ+1}) / ((1 - α)(γc + 1)) (Leviathan et al. Thm 3.8).
 
-    ``c`` is the cost of one draft forward pass relative to one target pass.
+    ``c`` >= 0 (finite) is the cost of one draft forward pass relative to one target pass.
     """
-    if isinstance(c, bool) or (isinstance(c, torch.Tensor) and c.dtype == torch.bool):
-        raise checks.InputTypeError("`c` must be a real number or tensor, got a bool")
-    c = torch.as_tensor(c, dtype=torch.float64)
-    if torch.isnan(c).any() or (c < 0).any():
+    alpha, gamma = _alpha_gamma(alpha, gamma)
+    c = _number("c", c, integer=False)
+    if c.numel() and (c < 0).any():
         raise ValueError("`c` must be >= 0")
-    _, g = _alpha_gamma(alpha, gamma)
-    return expected_tokens(alpha, gamma) / (g * c + 1)
+    try:
+        torch.broadcast_shapes(alpha.shape, gamma.shape, c.shape)
+    except RuntimeError:
+        raise ValueError("the shapes of `alpha`, `gamma` and `c` do not broadcast") from None
+    return _expected_tokens(alpha, gamma) / (gamma * c + 1)
 
 
 def optimal_gamma(alpha: float, c: float, max_gamma: int = 128) -> int:
-    """The integer γ in 1..max_gamma that maximises :func:`speedup` (smallest on ties)."""
+    """The integer γ in 1..max_gamma that maximises :func:`speedup` (smallest on ties).
+
+    ``max_gamma`` is at most :data:`MAX_GAMMA` (the search evaluates every γ).
+    """
     max_gamma = checks.integer("max_gamma", max_gamma, low=1)
+    if max_gamma > MAX_GAMMA:
+        raise ValueError(f"`max_gamma` must be <= {MAX_GAMMA}, got {max_gamma}")
     alpha = checks.real("alpha", alpha, low=0.0, high=1.0)
     c = checks.real("c", c, low=0.0)
-    gammas = torch.arange(1, max_gamma + 1)
-    return int(gammas[speedup(alpha, gammas, c).argmax()])
+    gammas = torch.arange(1, max_gamma + 1, dtype=torch.float64)
+    values = _expected_tokens(torch.tensor(alpha, dtype=torch.float64), gammas) / (gammas * c + 1)
+    return int(values.argmax()) + 1
