@@ -1,20 +1,36 @@
 """typsamp: the decoding code behind the book "What is Typical Sampling?".
 
-One module per idea; each chapter of the book uses the module named in DESIGN.md:
+One module per idea; each chapter of the book uses the modules named here:
 
-* :mod:`typsamp.sampling`  temperature, truncation (top-k, top-p, min-p, epsilon, eta,
-  locally typical), entropy and sampling (chapters 1-2).
-* :mod:`typsamp.speculative`  speculative sampling's verification and its theory (chapter 3).
-* :mod:`typsamp.typical`  Medusa's typical acceptance: the rule, its threshold, its exact output (chapters 5-6).
+* :mod:`typsamp.sampling`  temperature, truncation (top-k, top-p, min-p, epsilon-cutoff, eta,
+  locally typical) as one validated :class:`~typsamp.sampling.Warp`, entropy and sampling
+  (chapters 1-2); :mod:`typsamp.rng` the random numbers behind them, with per-row seeds.
+* :mod:`typsamp.stats`  the statistics every chapter and test uses: chi-square, TV and KL,
+  teacher forcing, accepted-length law, per-row acceptance rates (chapters 3-8).
+* :mod:`typsamp.rules`  what every verification rule shares: the verdict, the input checks,
+  the rule interface (chapters 3-6).
+* :mod:`typsamp.speculative`  speculative sampling's rule (exact, and Leviathan et al.'s lenient
+  relaxation), the exact-match rule, and their theory (chapters 3 and 5).
+* :mod:`typsamp.typical`  Medusa's typical acceptance: the rule as Medusa ships it and the book's
+  two sampled variants, its threshold, its exact output (chapters 5-6).
 * :mod:`typsamp.data`, :mod:`typsamp.model`, :mod:`typsamp.train`  the Shakespeare corpus,
   a GPT-2 with a static KV cache, and the training CLI behind the shipped weights (chapter 4).
-* :mod:`typsamp.generate`  the decoding engine: autoregressive and speculative (chapter 4).
+* :mod:`typsamp.generate`  the decoding engine: autoregressive and speculative, as
+  propose -> score -> verify -> commit (chapter 4).
+* :mod:`typsamp.gemma`  Gemma 3 270M, the real pretrained LLM: install, dequantise, a compact
+  implementation (chapter 9).
+* :mod:`typsamp.hf`  everything that touches ``transformers``: the adapter for any Hugging
+  Face causal LM, weight conversion, the peer baseline of the benchmarks.
 * :mod:`typsamp.transfer`  what draft and target exchange under each rule, in bytes and time (chapter 7).
 * :mod:`typsamp.proofs`  the sympy checks the chapters display (imported on demand).
-* :mod:`typsamp.bench`  the benchmarks behind ``make bench`` (imported on demand).
+* :mod:`typsamp.bench`  the benchmarks behind ``make bench`` (imported on demand);
+  :mod:`typsamp.provenance` the machine, versions and commit every result records.
 """
 
-from typsamp import sampling, speculative, typical
+from typsamp import rules, sampling, speculative, typical
+from typsamp.speculative import ExactMatch, RejectionSampling
+from typsamp.typical import TypicalAcceptance
 
 __version__ = "0.1.0"
-__all__ = ["sampling", "speculative", "typical", "__version__"]
+__all__ = ["rules", "sampling", "speculative", "typical", "RejectionSampling", "ExactMatch",
+           "TypicalAcceptance", "__version__"]
