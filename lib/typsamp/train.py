@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from typsamp import checks, model as gpt
+from typsamp import checks, model as gpt, provenance
 from typsamp.data import Corpus, load_corpus, random_windows
 
 __all__ = ["Preset", "PRESETS", "evaluate", "train", "CHECKPOINT_DIR"]
@@ -206,6 +206,7 @@ def train(preset_name: str, *, steps: int | None = None, batch_size: int | None 
         "tokens_seen": preset.steps * preset.batch_size * preset.block_size,
         "wall_time_s": round(wall, 1),
         "machine": _machine(device),
+        "versions": provenance.versions(),
         "corpus": {"train_chars": len(corpus.train), "val_chars": len(corpus.val),
                    "val_works": list(corpus.val_works), "vocab_size": corpus.tokenizer.vocab_size},
         "evaluation": {"windows": EVAL_WINDOWS, "window_chars": config.block_size, "seed": EVAL_SEED,
@@ -221,9 +222,8 @@ def train(preset_name: str, *, steps: int | None = None, batch_size: int | None 
 
 
 def _machine(device: str) -> dict:
-    from typsamp.bench import machine  # the benchmark's description of the hardware
-
-    return machine(device)
+    """Where the training ran (:func:`typsamp.provenance.machine`; a seam tests replace)."""
+    return provenance.machine(device)
 
 
 def main(argv: list[str] | None = None) -> None:

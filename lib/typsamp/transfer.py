@@ -24,9 +24,18 @@ the one token it adds. What else must travel depends on the rule:
 ``"rejection_greedy"``
     Rejection sampling with *deterministic* drafts (greedy, or any fixed rule): q is a
     point mass on x_i, so the target needs nothing but the ids.
-``"typical"``
-    Medusa's typical acceptance (Cai et al.): accept x_i when
+``"match_sampled"``
+    Exact match with sampled drafts: the target draws its own token y_i from p_i and keeps
+    the draft while x_i = y_i (:class:`typsamp.speculative.ExactMatch`). The test never
+    reads q, so only the ids travel.
+``"typical_greedy"``
+    Medusa's typical acceptance (Cai et al.) of greedy drafts: accept x_i when
     p_i(x_i) > min(ε, δ·exp(-H(p_i))), a test on the target's distribution alone. Ids only.
+
+The names are the method labels used everywhere in the project (``bench``, the
+chapters): ``f"{rule.name}_{'sampled' | 'greedy'}"`` for a rule and how its drafts are
+made, as :data:`typsamp.bench.METHODS` spells them; the two lazy variants of
+``rejection_sampled`` add a suffix naming their protocol.
 
 All three sampled protocols compute the same rule, so their output has exactly the
 target's distribution; they differ only in what travels when. One step, one sequence (a batch
@@ -94,8 +103,11 @@ RULES = (
     "rejection_sampled_two_round",
     "rejection_sampled_return_p",
     "rejection_greedy",
-    "typical",
+    "match_sampled",
+    "typical_greedy",
 )
+#: The protocols that ship nothing but token ids.
+_IDS_ONLY = ("rejection_greedy", "match_sampled", "typical_greedy")
 ID_BYTES = 4  # int32 token ids
 _NEEDS_ALPHA = ("rejection_sampled_two_round", "rejection_sampled_return_p")
 
@@ -197,8 +209,10 @@ def payload(rule: str, V: int, gamma: int, dtype=torch.float32, *, alpha: float 
     rejection_sampled                     γ·i + γ·V·d            2·i                  2
     rejection_sampled_two_round           γ·i + γ·d + r·V·d      2·i                  2 + 2r
     rejection_sampled_return_p            γ·i + γ·d + r·i        (2 - r)·i + r·V·d    2
-    rejection_greedy, typical             γ·i                    2·i                  2
+    ids only (see below)                  γ·i                    2·i                  2
     ====================================  =====================  ===================  ========
+
+    The ids-only protocols are ``rejection_greedy``, ``match_sampled`` and ``typical_greedy``.
 
     ``alpha`` (the probability that a draft is accepted, the same at every position and
     independent across them) is needed by the two lazy protocols only.
@@ -216,7 +230,7 @@ def payload(rule: str, V: int, gamma: int, dtype=torch.float32, *, alpha: float 
 
     if rule == "rejection_sampled":
         return Payload(up=gamma * i + gamma * V * d, down=2 * i, messages=2)
-    if rule in ("rejection_greedy", "typical"):
+    if rule in _IDS_ONLY:
         return Payload(up=gamma * i, down=2 * i, messages=2)
     r = 1 - alpha ** gamma
     if rule == "rejection_sampled_two_round":
