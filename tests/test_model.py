@@ -239,12 +239,14 @@ def test_cached_forward_needs_no_autograd_and_training_forward_has_it():
 @torch.no_grad()
 def test_to_hf_gives_the_same_logits():
     pytest.importorskip("transformers")
+    from typsamp import hf as typsamp_hf
+
     model = tiny_model()
-    hf = gpt.to_hf(model)
+    hf = typsamp_hf.to_hf(model)
     x = tokens(3, 48)
     assert (hf(x).logits - model(x)).abs().max() <= 1e-5
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
-    back = gpt.from_hf(hf)
+    back = typsamp_hf.from_hf(hf)
     assert back.config == TINY
     assert torch.equal(back(x), model(x))
 
@@ -289,8 +291,20 @@ def test_missing_weights_say_which_command_trains_them(tmp_path, monkeypatch):
     monkeypatch.setattr(gpt, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"python -m typsamp\.train --preset target"):
         gpt.load("target")
-    with pytest.raises(FileNotFoundError, match="presets are"):
+    with pytest.raises(FileNotFoundError, match=r"python -m typsamp\.train --help` lists the presets"):
         gpt.load("no_such_preset")
+
+
+def test_models_of_other_modules_load_by_name(monkeypatch):
+    monkeypatch.setattr(gpt, "LOADERS", {})
+    with pytest.raises(ValueError, match="`import typsamp.gemma` first"):
+        gpt.load("gemma-3-270m")
+    made = []
+    gpt.register("toy", lambda device, dtype: made.append((device, dtype)) or "model", lambda: "tokenizer")
+    assert gpt.load("toy", dtype=torch.float16) == "model" and made == [("cpu", torch.float16)]
+    assert gpt.load_tokenizer("toy") == "tokenizer"
+    with pytest.raises(ValueError, match="`name` must be"):
+        gpt.register("", len, len)
 
 
 # --- training ---------------------------------------------------------------------------
@@ -390,3 +404,137 @@ def test_span_errors_and_unchecked_rollback():
         model.cache.rollback(torch.tensor([6]))
     model.cache.rollback(torch.tensor([2]), check=False)     # the loop vouches for its lengths
     assert model.cache.lengths.tolist() == [2]
+
+
+# --- tree passes and compaction (the engine's score and commit steps for trees) ----------
+
+# A forest over 9 candidates after the last committed token: parents come first.
+TREE_PARENTS = [-1, -1, 0, 0, 1, 2, 2, 4, 5]
+
+
+def tree_layout(parents):
+    """depths [T] and ancestors [T, T] of [last committed token, candidates...], by hand."""
+    T = len(parents) + 1
+    up = [None] + [p + 1 for p in parents]                # parent of each fed token
+    depths, ancestors = [0] * T, torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        u = t
+        while u is not None:
+            ancestors[t, u] = True
+            u = up[u]
+        depths[t] = int(ancestors[t].sum()) - 1
+    return torch.tensor(depths), ancestors, up
+
+
+def root_path(t, up):
+    path = []
+    while t is not None:
+        path.append(t)
+        t = up[t]
+    return path[::-1]
+
+
+@torch.no_grad()
+def test_tree_pass_logits_equal_chain_logits_along_each_root_path():
+    model = tiny_model(dtype=torch.float64)
+    depths, ancestors, up = tree_layout(TREE_PARENTS)
+    T = len(up)
+    prefix = tokens(3, 12, seed=4)
+    lengths = torch.tensor([12, 7, 9])                    # ragged committed prefixes
+    fed = tokens(3, T, seed=5)
+    model.setup_cache(3, 48)
+    model(prefix)
+    model.cache.rollback(lengths)
+    tree_logits = model(fed, lengths, depths=depths, ancestors=ancestors)   # checked path
+    assert model.cache.lengths.tolist() == (lengths + T).tolist()
+    model.cache.rollback(lengths)
+    fast = model(fed, lengths, span=int(lengths.max()) + T, depths=depths, ancestors=ancestors)
+    assert torch.equal(fast, tree_logits)
+    model.clear_cache()
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(T):
+            path = root_path(t, up)
+            chain = model(torch.cat([prefix[b, :n], fed[b, path]])[None])[0, -1]
+            assert (tree_logits[b, t] - chain).abs().max() <= 1e-10, (b, t)
+
+
+@torch.no_grad()
+def test_a_chain_given_as_a_tree_is_the_plain_pass():
+    model = tiny_model(dtype=torch.float64)
+    x = tokens(2, 10, seed=6)
+    model.setup_cache(2, 48)
+    model(x[:, :6])
+    plain = model(x[:, 6:])
+    model.cache.rollback(6)
+    T = 4
+    chain = model(x[:, 6:], depths=torch.arange(T), ancestors=torch.ones(T, T, dtype=torch.bool).tril())
+    assert (plain - chain).abs().max() <= 1e-12
+
+
+@torch.no_grad()
+def test_compact_leaves_the_cache_of_feeding_the_accepted_path_as_a_chain():
+    model = tiny_model(dtype=torch.float64)
+    depths, ancestors, up = tree_layout(TREE_PARENTS)
+    T = len(up)
+    prefix = tokens(3, 12, seed=7)
+    lengths = torch.tensor([11, 6, 9])                    # committed tokens before the last one
+    fed = tokens(3, T, seed=8)
+    # Accepted paths (node indices into fed, without the last committed token 0), of
+    # different lengths: a deep branch, nothing, a side branch.
+    paths = [root_path(9, up)[1:], [], root_path(7, up)[1:]]
+    model.setup_cache(3, 48)
+    model(prefix)
+    model.cache.rollback(lengths)
+    model(fed, lengths, depths=depths, ancestors=ancestors)
+    D = max(len(p) for p in paths)
+    source = torch.stack([torch.tensor([lengths[b] + t for t in p] + [lengths[b] + 1 + k for k in range(len(p), D)])
+                          for b, p in enumerate(paths)])
+    start = lengths + 1                                   # slots after the last committed token
+    new_lengths = start + torch.tensor([len(p) for p in paths])
+    model.cache.compact(source, start, new_lengths)
+    assert model.cache.lengths.tolist() == new_lengths.tolist()
+    compacted = model.cache.kv.clone()
+    after = model(tokens(3, 2, seed=9))                   # and decoding goes on as from the chain
+
+    chain = GPT(TINY).to(torch.float64).eval()
+    chain.load_state_dict(model.state_dict())
+    for b, p in enumerate(paths):
+        chain.setup_cache(1, 48)
+        text = torch.cat([prefix[b, :lengths[b]], fed[b, [0] + p]])[None]
+        chain(text)
+        n = text.shape[1]
+        assert n == new_lengths[b]
+        assert (compacted[:, :, b, :, :n] - chain.cache.kv[:, :, 0, :, :n]).abs().max() <= 1e-12, b
+        assert (after[b] - chain(tokens(3, 2, seed=9)[b:b + 1])[0]).abs().max() <= 1e-10, b
+
+
+@torch.no_grad()
+def test_tree_and_compact_errors():
+    model = tiny_model()
+    depths, ancestors, _ = tree_layout([-1, 0, -1])
+    x = tokens(2, 4)
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        model(x, depths=depths, ancestors=ancestors)
+    model.setup_cache(2, 16)
+    with pytest.raises(ValueError, match="both `depths` and `ancestors`"):
+        model(x, depths=depths)
+    with pytest.raises(ValueError, match="`depths` must be int64 of shape \\[4\\]"):
+        model(x, depths=depths[:3], ancestors=ancestors)
+    with pytest.raises(ValueError, match="`ancestors` must be bool"):
+        model(x, depths=depths, ancestors=ancestors.long())
+    with pytest.raises(ValueError, match="diagonal"):
+        model(x, depths=depths, ancestors=ancestors & ~torch.eye(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="lower-triangular"):
+        model(x, depths=depths, ancestors=ancestors | torch.eye(4, dtype=torch.bool).roll(1, 1))
+    with pytest.raises(ValueError, match="`depths` must lie in"):
+        model(x, depths=depths + 1, ancestors=ancestors)
+    assert model.cache.lengths.tolist() == [0, 0], "a refused pass must not move the cache"
+    model(x)
+    with pytest.raises(ValueError, match="must name held slots"):
+        model.cache.compact(torch.tensor([[4], [1]]), torch.tensor([1, 1]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="`source` must be int64"):
+        model.cache.compact(torch.tensor([[1.0], [1.0]]), torch.tensor([1, 1]), torch.tensor([2, 2]))
+    before = model.cache.kv.clone()
+    with pytest.raises(ValueError, match="`lengths` must lie in"):
+        model.cache.compact(torch.tensor([[3], [3]]), torch.tensor([1, 1]), torch.tensor([5, 2]))
+    assert torch.equal(model.cache.kv, before), "a refused compaction must not move entries"

@@ -4,16 +4,16 @@ GPT-2's architecture, top to bottom in one file (after nanoGPT's ``model.py``): 
 plus learned position embeddings, ``n_layer`` pre-LayerNorm blocks of causal
 self-attention and a 4x-wide MLP with GPT-2's tanh-approximated GELU (``gelu_new``), a
 final LayerNorm, and logits from the token embedding matrix itself (tied embeddings,
-no output bias). Module names and biases are GPT-2's, so :func:`to_hf` converts the
-weights one-to-one into ``transformers``' ``GPT2LMHeadModel``.
+no output bias). Module names and biases are GPT-2's, so :func:`typsamp.hf.to_hf`
+converts the weights one-to-one into ``transformers``' ``GPT2LMHeadModel``.
 
-Decoding uses a static, preallocated KV cache (as in gpt-fast). :meth:`GPT.setup_cache`
-allocates keys and values for every layer, ``[n_layer, 2, B, n_head, max_len,
-head_dim]``, and a per-row length ``[B]``. A forward pass writes the keys and values
-of its T new tokens at positions ``offsets[b], ..., offsets[b] + T - 1`` of row b
-(by default ``offsets`` is the row's current length), each query attends to the cache
-positions up to and including its own, and the row's length becomes
-``offsets[b] + T``. The same call therefore serves a prefill (T = prompt length), a
+Decoding uses a static, preallocated KV cache (as in gpt-fast; :class:`KVCache`, which
+lives in :mod:`typsamp.cache`). :meth:`GPT.setup_cache` allocates keys and values for
+every layer, ``[n_layer, 2, B, n_head, max_len, head_dim]``, and a per-row length
+``[B]``. A forward pass writes the keys and values of its T new tokens at positions
+``offsets[b], ..., offsets[b] + T - 1`` of row b (by default ``offsets`` is the row's
+current length), each query attends to the cache positions up to and including its
+own, and the row's length becomes ``offsets[b] + T``. The same call therefore serves a prefill (T = prompt length), a
 one-token decode step (T = 1) and a verification of gamma drafted tokens (T = gamma + 1),
 with rows at different lengths in one batch. Rolling back rejected tokens is
 :meth:`KVCache.rollback`: it only lowers the lengths; the stale entries beyond them are
@@ -21,6 +21,16 @@ masked out and overwritten by the next forward pass, never copied. Prompts of di
 lengths are prefilled the same way: pad them to one length, run them, then roll each row
 back to its own prompt length (the padding sits after every real token, so no real
 token ever attended to it).
+
+A pass can also score a *tree* of candidate tokens (Medusa's tree attention; the engine's
+``score`` step, :mod:`typsamp.generate`). ``depths`` [T] gives each new token's position
+relative to its row's offset (so a chain is ``0, 1, ..., T-1``) and ``ancestors`` [T, T]
+says which new tokens each one sees (itself and its ancestors). The T tokens still occupy
+T consecutive cache slots ``offsets[b] .. offsets[b] + T - 1``, but token t sits at
+position ``offsets[b] + depths[t]`` and attends to the row's cached prefix and its own
+ancestors only. After verification :meth:`KVCache.compact` moves the keys and values of
+the accepted path into consecutive slots, which leaves the cache exactly as if the path
+had been fed as a chain.
 
 Weights are stored as float16 ``safetensors`` under ``lib/typsamp/weights/`` with the
 model's config and tokenizer in the file's metadata; :func:`load` reads them by preset
@@ -44,10 +54,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from typsamp import checks
+from typsamp.cache import KVCache, check_tree
 from typsamp.data import CharTokenizer
 
 __all__ = ["GPTConfig", "GPT", "KVCache", "WEIGHTS_DIR", "save", "load", "load_tokenizer",
-           "load_record", "to_hf", "from_hf"]
+           "load_record", "register"]
 
 #: Where the committed weights and their training records live.
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -78,50 +89,6 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-class KVCache:
-    """Keys and values of every layer for ``batch_size`` rows of up to ``max_len`` positions.
-
-    ``kv`` is ``[n_layer, 2, B, n_head, max_len, head_dim]`` (index 0 keys, 1 values);
-    ``lengths`` ``[B]`` int64 says how many leading positions of each row are valid.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
-                 device: torch.device | str, dtype: torch.dtype):
-        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
-
-    @property
-    def batch_size(self) -> int:
-        return self.kv.shape[2]
-
-    @property
-    def max_len(self) -> int:
-        return self.kv.shape[4]
-
-    def rollback(self, lengths: torch.Tensor | int, *, check: bool = True) -> None:
-        """Shorten each row to ``lengths`` (a [B] tensor or one int for all rows); no copying.
-
-        A row can only be shortened: the positions beyond its current length hold nothing.
-        ``check=False`` skips that check, which reads the lengths back to the host (a
-        decode loop that computed them itself passes it).
-        """
-        lengths = torch.as_tensor(lengths, device=self.lengths.device)
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise checks.InputTypeError(f"`lengths` must hold integers, got {lengths.dtype}")
-        lengths = lengths.to(torch.long).expand(self.batch_size)
-        if check and ((lengths < 0) | (lengths > self.lengths)).any():
-            raise ValueError(
-                f"`lengths` must lie in [0, current length] for every row: got {lengths.tolist()} "
-                f"for current lengths {self.lengths.tolist()}"
-            )
-        self.lengths.copy_(lengths)
-
-    def reset(self) -> None:
-        """Empty every row."""
-        self.lengths.zero_()
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -132,12 +99,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 span: int = 0) -> torch.Tensor:
         """``x`` [B, T, C]. Without ``kv``: plain causal attention over the T tokens. With
-        ``kv`` (this layer's [2, B, H, max_len, D] cache slice), ``positions`` [B, T],
+        ``kv`` (this layer's [2, B, H, max_len, D] cache slice), ``slots`` [B, T],
         ``span`` S and ``mask`` [B, 1, T, S] (or None: every query sees all S): write k
-        and v at ``positions``, attend to the first S cache positions where allowed."""
+        and v at ``slots``, attend to the first S cache slots where allowed."""
         B, T, C = x.shape
         H = self.n_head
         # Functional calls rather than submodule calls: at batch 1 a decode step is
@@ -148,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
-            index = positions[:, None, :, None].expand_as(k)
+            index = slots[:, None, :, None].expand_as(k)
             kv[0].scatter_(2, index, k)
             kv[1].scatter_(2, index, v)
             y = F.scaled_dot_product_attention(q, kv[0, :, :, :span], kv[1, :, :, :span], attn_mask=mask)
@@ -178,10 +145,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None, positions=None, mask=None, span=0):
+    def forward(self, x, kv=None, slots=None, mask=None, span=0):
         ln_1, ln_2 = self.ln_1, self.ln_2
         x = x + self.attn.forward(F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps),
-                                  kv, positions, mask, span)
+                                  kv, slots, mask, span)
         return x + self.mlp.forward(F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps))
 
 
@@ -239,7 +206,8 @@ class GPT(nn.Module):
         self.cache = None
 
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None, *,
-                span: int | None = None) -> torch.Tensor:
+                span: int | None = None, depths: torch.Tensor | None = None,
+                ancestors: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for ``tokens`` [B, T].
 
         Without a cache the tokens sit at positions 0..T-1 and attention is causal.
@@ -252,19 +220,30 @@ class GPT(nn.Module):
         passing it skips the bounds checks, which read ``offsets`` back from the device
         (one synchronisation per pass). The caller vouches that ``span`` is exactly
         ``max(offsets) + T`` and that no row skips a cached position.
+
+        ``depths`` (int64 [T]) and ``ancestors`` (bool [T, T]) make the pass a tree pass
+        (see the module docstring; cache only, both or neither): token t is written to
+        slot ``offsets[b] + t`` as always, but sits at position ``offsets[b] + depths[t]``
+        and sees the cached prefix ``0 .. offsets[b] - 1`` and the new tokens u with
+        ``ancestors[t, u]`` (itself and its ancestors). A chain (``depths = arange(T)``,
+        ``ancestors`` lower-triangular) gives exactly the plain pass.
         """
         checks.tensor("tokens", tokens)
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"`tokens` must be int64 of shape [B, T], got {tokens.dtype} of shape {tuple(tokens.shape)}")
         B, T = tokens.shape
         cache = self.cache
+        tree = depths is not None or ancestors is not None
+        if tree:
+            self._check_tree(T, depths, ancestors, checked=span is None)
         if cache is None:
-            if offsets is not None:
-                raise ValueError("`offsets` needs a KV cache: call setup_cache() first")
+            if offsets is not None or tree:
+                raise ValueError(f"`{'offsets' if offsets is not None else 'depths'}` needs a KV cache: "
+                                 "call setup_cache() first")
             if T > self.config.block_size:
                 raise ValueError(f"`tokens` has {T} positions, more than block_size {self.config.block_size}")
             positions = torch.arange(T, device=tokens.device)
-            layer_kv, mask, S = [None] * self.config.n_layer, None, 0
+            layer_kv, slots, mask, S = [None] * self.config.n_layer, None, None, 0
         else:
             if B != cache.batch_size:
                 raise ValueError(f"`tokens` has {B} rows but the cache was set up for {cache.batch_size}")
@@ -272,7 +251,7 @@ class GPT(nn.Module):
                 offsets = cache.lengths
             elif offsets.shape != (B,) or offsets.dtype != torch.long:
                 raise ValueError(f"`offsets` must be int64 of shape [{B}], got {offsets.dtype} of shape {tuple(offsets.shape)}")
-            positions = offsets[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+            slots = offsets[:, None] + torch.arange(T, device=tokens.device)       # [B, T]
             if span is not None:
                 S = checks.integer("span", span, low=T)
                 if S > cache.max_len:
@@ -280,7 +259,7 @@ class GPT(nn.Module):
             else:
                 # Attend only to the cache prefix that some row uses (one host sync, which
                 # also checks the bounds): decode cost grows with the text, not with max_len.
-                S, lowest, gap = torch.stack([positions[:, -1].max() + 1, offsets.min(),
+                S, lowest, gap = torch.stack([slots[:, -1].max() + 1, offsets.min(),
                                               (offsets > cache.lengths).any().long()]).tolist()
                 if S > cache.max_len or lowest < 0:
                     raise ValueError(
@@ -290,19 +269,34 @@ class GPT(nn.Module):
                     raise ValueError(
                         f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
                         f"(lengths {cache.lengths.tolist()}): a row can only continue or overwrite its text")
-            # One row decoding one token sees every position up to S: no mask needed,
-            # and SDPA's unmasked path is the faster one.
-            mask = None if B == 1 and T == 1 else (torch.arange(S, device=tokens.device) <= positions[..., None])[:, None]
+            key = torch.arange(S, device=tokens.device)
+            if tree:
+                positions = offsets[:, None] + depths
+                # Slot j of row b is visible to new token t when it holds the cached prefix
+                # (j < offsets[b]) or one of t's ancestors (j = offsets[b] + u, ancestors[t, u]).
+                rel = key - offsets[:, None]                                        # [B, S]
+                new = (rel >= 0) & (rel < T)
+                seen = ancestors[None].expand(B, T, T).gather(
+                    2, rel.clamp(0, T - 1)[:, None, :].expand(B, T, S))            # [B, T, S]
+                mask = ((rel < 0)[:, None, :] | (new[:, None, :] & seen))[:, None]
+            else:
+                positions = slots
+                # One row decoding one token sees every position up to S: no mask needed,
+                # and SDPA's unmasked path is the faster one.
+                mask = None if B == 1 and T == 1 else (key <= slots[..., None])[:, None]
             layer_kv = cache.kv
         with torch.set_grad_enabled(cache is None and torch.is_grad_enabled()):
             wte = self.transformer.wte
             x = self.transformer.drop(wte(tokens) + self.transformer.wpe(positions))
             for block, kv in zip(self.transformer.h, layer_kv):
-                x = block.forward(x, kv, positions, mask, S)
+                x = block.forward(x, kv, slots, mask, S)
             x = self.transformer.ln_f(x)
             if cache is not None:
-                cache.lengths.copy_(positions[:, -1] + 1)
+                cache.lengths.copy_(slots[:, -1] + 1)
             return F.linear(x, wte.weight)
+
+    #: The tree arguments' checks (kept here too for models that reuse GPT's).
+    _check_tree = staticmethod(check_tree)
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,12 +331,10 @@ def _weights_path(name: str | Path) -> Path:
     else:
         path = WEIGHTS_DIR / f"{name}.safetensors"
     if not path.is_file():
-        from typsamp.train import PRESETS  # imported here only: train imports this module
-        if str(name) in PRESETS:
-            how = f"train them with `python -m typsamp.train --preset {name}`"
-        else:
-            how = f"presets are {sorted(PRESETS)}, each trained by `python -m typsamp.train --preset NAME`"
-        raise FileNotFoundError(f"no weights for {str(name)!r} at {path}; {how}")
+        # No import of typsamp.train here: it imports this module (no import circles).
+        raise FileNotFoundError(
+            f"no weights for {str(name)!r} at {path}; train a preset with "
+            f"`python -m typsamp.train --preset {name}` (`python -m typsamp.train --help` lists the presets)")
     return path
 
 
@@ -354,10 +346,45 @@ def _metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def load(name: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> GPT:
-    """The model saved under preset ``name`` (or at a ``.safetensors`` path), in eval mode."""
+#: Models that live in other modules, by name: ``name -> (load(device=, dtype=),
+#: load_tokenizer())``. A module registers its models when it is imported
+#: (:func:`register`), so this module never imports it (no import circles).
+LOADERS: dict[str, tuple] = {}
+
+#: Where the registered models come from, to say what to import when one is missing.
+KNOWN_ELSEWHERE = {"gemma-3-270m": "typsamp.gemma"}
+
+
+def register(name: str, load_model, load_tokenizer) -> None:
+    """Make :func:`load` and :func:`load_tokenizer` serve ``name`` through the given
+    functions (``load_model(device=, dtype=)``, ``load_tokenizer()``)."""
+    if not isinstance(name, str) or not name:
+        raise checks.InputTypeError(f"`name` must be a non-empty str, got {name!r}")
+    if not callable(load_model) or not callable(load_tokenizer):
+        raise checks.InputTypeError("`load_model` and `load_tokenizer` must be callable")
+    LOADERS[name] = (load_model, load_tokenizer)
+
+
+def _registered(name) -> tuple | None:
+    if not isinstance(name, str):
+        return None
+    if name in LOADERS:
+        return LOADERS[name]
+    if name in KNOWN_ELSEWHERE:
+        raise ValueError(f"{name!r} is defined in {KNOWN_ELSEWHERE[name]}: `import {KNOWN_ELSEWHERE[name]}` "
+                         f"first (or call its load() directly)")
+    return None
+
+
+def load(name: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """The model saved under preset ``name`` (or at a ``.safetensors`` path), in eval mode;
+    a registered name (:data:`LOADERS`, e.g. ``"gemma-3-270m"`` once :mod:`typsamp.gemma`
+    is imported) is loaded by its own module."""
     if dtype not in checks.FLOAT_DTYPES:
         raise ValueError(f"`dtype` must be one of {checks.FLOAT_DTYPES}, got {dtype}")
+    other = _registered(name)
+    if other is not None:
+        return other[0](device=device, dtype=dtype)
     path = _weights_path(name)
     config = GPTConfig(**json.loads(_metadata(path)["config"]))
     with safe_open(str(path), framework="pt") as f:
@@ -369,8 +396,12 @@ def load(name: str | Path, device: torch.device | str = "cpu", dtype: torch.dtyp
     return model.eval()
 
 
-def load_tokenizer(name: str | Path) -> CharTokenizer:
-    """The tokenizer stored with the weights of preset ``name`` (or a ``.safetensors`` path)."""
+def load_tokenizer(name: str | Path):
+    """The tokenizer stored with the weights of preset ``name`` (or a ``.safetensors`` path),
+    or a registered model's own tokenizer."""
+    other = _registered(name)
+    if other is not None:
+        return other[1]()
     return CharTokenizer.from_json(_metadata(_weights_path(name))["tokenizer"])
 
 
@@ -378,47 +409,3 @@ def load_record(name: str | Path) -> dict:
     """The training record (``<name>.json`` beside the weights) of preset ``name``."""
     path = _weights_path(name)
     return json.loads(path.with_suffix(".json").read_text())
-
-
-# ---------------------------------------------------------------------------------------
-# Conversion to and from transformers' GPT2LMHeadModel. Same parameter names; GPT-2's
-# Conv1D stores [in, out] where nn.Linear stores [out, in], so those weights transpose.
-
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def to_hf(model: GPT):
-    """The same network as a ``transformers.GPT2LMHeadModel`` (eval mode, same device and dtype)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = model.config
-    hf_config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-        n_head=c.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=0.0,
-        embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    weight = model.transformer.wte.weight
-    hf = GPT2LMHeadModel(hf_config).to(device=weight.device, dtype=weight.dtype)
-    state = {k: v.t() if k.endswith(_CONV1D) else v for k, v in model.state_dict().items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]
-    if missing or unexpected:
-        raise RuntimeError(f"GPT-2 conversion mismatch: missing {missing}, unexpected {unexpected}")
-    hf.tie_weights()
-    return hf.eval()
-
-
-def from_hf(hf) -> GPT:
-    """Our :class:`GPT` from a ``transformers.GPT2LMHeadModel`` with tied embeddings."""
-    hc = hf.config
-    if hc.activation_function != "gelu_new" or not hc.tie_word_embeddings or hc.n_inner not in (None, 4 * hc.n_embd):
-        raise ValueError("`hf` must be a GPT-2 with gelu_new, tied embeddings and a 4x MLP")
-    config = GPTConfig(vocab_size=hc.vocab_size, n_layer=hc.n_layer, n_head=hc.n_head,
-                       n_embd=hc.n_embd, block_size=hc.n_positions)
-    weight = hf.transformer.wte.weight
-    model = GPT(config).to(device=weight.device, dtype=weight.dtype)
-    hf_state = hf.state_dict()
-    model.load_state_dict({k: hf_state[k].t() if k.endswith(_CONV1D) else hf_state[k]
-                           for k in model.state_dict()})
-    return model.eval()
