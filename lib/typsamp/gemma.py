@@ -13,7 +13,7 @@ of every six layers attend only to the last ``sliding_window`` = 512 positions (
 position > query position - 512) with RoPE base 1e4; layers 5, 11 and 17 attend to every
 earlier position with RoPE base 1e6. Gemma 3 has no logit soft-capping (Gemma 2 had).
 
-The static KV cache is :mod:`typsamp.model`'s (:class:`KVCache` here subclasses it):
+The static KV cache is :mod:`typsamp.cache`'s (:class:`KVCache` here subclasses it):
 ``[n_layer, 2, B, n_kv_head, max_len, head_dim]``, per-row ``lengths``,
 ``rollback(lengths, check=)``; ``model(tokens [B, T], offsets [B], span=S)`` writes the T
 new keys and values at ``offsets[b] + 0..T-1`` and returns logits [B, T, V], exactly as
@@ -72,8 +72,8 @@ import torch.nn.functional as F
 
 from typsamp import checks
 from typsamp import model as _model
-from typsamp.model import GPT as _GPT
-from typsamp.model import KVCache as _GPTCache
+from typsamp.cache import KVCache as _GPTCache
+from typsamp.cache import check_tree
 
 __all__ = ["GemmaConfig", "Gemma", "KVCache", "NAME", "GGUF_FILE", "GGUF_BYTES", "GGUF_SHA256",
            "cache_dir", "install", "verify", "load", "load_tokenizer", "InstallError"]
@@ -175,7 +175,7 @@ class GemmaConfig:
 
 
 class KVCache(_GPTCache):
-    """:class:`typsamp.model.KVCache` with ``n_kv_head`` key/value heads:
+    """:class:`typsamp.cache.KVCache` with ``n_kv_head`` key/value heads:
     ``kv`` [n_layer, 2, B, n_kv_head, max_len, head_dim], ``lengths`` [B]."""
 
     def __init__(self, config: GemmaConfig, batch_size: int, max_len: int,
@@ -370,7 +370,7 @@ class Gemma(nn.Module):
         lowest = None  # the smallest offset, when known on the host
         tree = depths is not None or ancestors is not None
         if tree:
-            _GPT._check_tree(T, depths, ancestors, checked=span is None)
+            check_tree(T, depths, ancestors, checked=span is None)
         if cache is None:
             if offsets is not None or tree:
                 raise ValueError(f"`{'offsets' if offsets is not None else 'depths'}` needs a KV cache: "
