@@ -302,6 +302,13 @@ def test_git_dirty_sees_a_changed_tracked_file(tmp_path):
     assert provenance.git_dirty(tmp_path) is False
     (tmp_path / "untracked.txt").write_text("not counted\n")
     assert provenance.git_dirty(tmp_path) is False
+    results = tmp_path / provenance.RESULTS
+    results.mkdir(parents=True)
+    (results / "bench.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "results")
+    (results / "bench.json").write_text('{"new": 1}\n')     # a run's own output: not dirt
+    assert provenance.git_dirty(tmp_path) is False
     (tmp_path / "a.txt").write_text("two\n")
     assert provenance.git_dirty(tmp_path) is True
     assert len(provenance.git_commit(tmp_path)) == 40

@@ -43,11 +43,18 @@ def git_commit(root: Path = ROOT) -> str:
     return _git("rev-parse", "HEAD", root=root) or "unknown"
 
 
+#: Where measurements are written (relative to the repository root). Changes there are
+#: the outputs of a run, not the code it measured: ``make bench`` writes one file after
+#: another, and the later benchmarks must not count the earlier ones' results as dirt.
+RESULTS = "notebooks/results"
+
+
 def git_dirty(root: Path = ROOT) -> bool | None:
     """True when tracked files at ``root`` differ from the commit (the measurement ran on
     uncommitted code), False when they do not, None outside a git checkout.
-    Untracked files do not count."""
-    status = _git("status", "--porcelain", "--untracked-files=no", root=root)
+    Untracked files do not count, nor do the results under :data:`RESULTS`."""
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  f":(exclude){RESULTS}", root=root)
     return None if status is None else bool(status)
 
 
