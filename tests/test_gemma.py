@@ -407,3 +407,21 @@ def test_the_engine_decodes_the_real_model_greedily(real):
         for _ in range(8):
             text = torch.cat([text, model(text)[:, -1:].argmax(-1)], 1)
     assert out.tokens[0].tolist() == text[0, prompt.shape[1]:].tolist()
+
+
+def test_head_argument_gives_hidden_states_or_a_trimmed_head():
+    torch.manual_seed(0)
+    model = gemma.Gemma(TINY).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 6))
+    with torch.no_grad():
+        full = model(tokens)
+        hidden = model(tokens, head=None)
+        kept = torch.tensor([5, 0, 42, 96])
+        trimmed = model(tokens, head=model.model.embed_tokens.weight[kept])
+    assert hidden.shape == (2, 6, TINY.hidden)
+    torch.testing.assert_close(trimmed, full[..., kept], rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden @ model.model.embed_tokens.weight.T, full, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="head"):
+        model(tokens, head=torch.zeros(3, TINY.hidden + 1))
+    with pytest.raises(TypeError, match="head"):
+        model(tokens, head="lm")

@@ -355,11 +355,21 @@ class Gemma(nn.Module):
 
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None, *,
                 span: int | None = None, depths: torch.Tensor | None = None,
-                ancestors: torch.Tensor | None = None) -> torch.Tensor:
+                ancestors: torch.Tensor | None = None,
+                head: torch.Tensor | None | bool = True) -> torch.Tensor:
         """Logits [B, T, V] for ``tokens`` [B, T]; the cache semantics (``offsets``, ``span``)
         and tree passes (``depths`` int64 [T], ``ancestors`` bool [T, T]) are
         :meth:`typsamp.model.GPT.forward`'s. In a tree pass the sliding window counts
-        positions (``offsets[b] + depths``), not cache slots."""
+        positions (``offsets[b] + depths``), not cache slots.
+
+        ``head``: True (default) applies the tied head (logits over the whole vocabulary);
+        None returns the final-normed hidden states [B, T, hidden] instead (for drafts and
+        heads of one's own); a tensor [K, hidden] is used as the head, giving [B, T, K]
+        (a trimmed head: rows of the embedding for K kept tokens)."""
+        if not (head is True or head is None or isinstance(head, torch.Tensor)):
+            raise TypeError(f"`head` must be True, None or a tensor [K, hidden], got {head!r}")
+        if isinstance(head, torch.Tensor) and (head.dim() != 2 or head.shape[1] != self.config.hidden):
+            raise ValueError(f"`head` must have shape [K, {self.config.hidden}], got {tuple(head.shape)}")
         checks.tensor("tokens", tokens)
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"`tokens` must be int64 of shape [B, T], got {tokens.dtype} of shape {tuple(tokens.shape)}")
@@ -441,7 +451,10 @@ class Gemma(nn.Module):
             x = _rms_norm(x, self.model.norm)
             if cache is not None:
                 cache.lengths.copy_(slots[:, -1] + 1)
-            return _head(x.reshape(B * T, c.hidden), weight).view(B, T, c.vocab_size)
+            if head is None:
+                return x
+            rows = weight if head is True else head
+            return _head(x.reshape(B * T, c.hidden), rows).view(B, T, rows.shape[0])
 
 
 # ---------------------------------------------------------------------------------------
