@@ -111,6 +111,43 @@ class KVCache:
         """Empty every row."""
         self.lengths.zero_()
 
+    def place(self, B: int, T: int, offsets: torch.Tensor | None, span: int | None):
+        """Where a forward pass of ``T`` new tokens for ``B`` rows goes (the checks every
+        model's forward shares). Returns ``(offsets, slots [B, T], S, lowest)``: the rows'
+        offsets (default: their lengths, i.e. continue each text), the slots the new keys
+        and values are written to, how many leading slots the pass attends to, and the
+        smallest offset when it was read back to the host (else None).
+
+        With ``span`` the caller vouches for the bounds (the decode loops know every
+        offset's maximum on the host) and nothing is read back; without it one host
+        synchronisation checks that the tokens fit and that no row skips positions it
+        does not hold, and S becomes the furthest slot written + 1 (so the cost of a
+        pass grows with the text, not with ``max_len``)."""
+        if B != self.batch_size:
+            raise ValueError(f"`tokens` has {B} rows but the cache was set up for {self.batch_size}")
+        if offsets is None:
+            offsets = self.lengths
+        elif offsets.shape != (B,) or offsets.dtype != torch.long:
+            raise ValueError(f"`offsets` must be int64 of shape [{B}], got {offsets.dtype} "
+                             f"of shape {tuple(offsets.shape)}")
+        slots = offsets[:, None] + torch.arange(T, device=offsets.device)          # [B, T]
+        if span is not None:
+            S = checks.integer("span", span, low=T)
+            if S > self.max_len:
+                raise ValueError(f"`span` {S} exceeds the cache's max_len {self.max_len}")
+            return offsets, slots, S, None
+        S, lowest, gap = torch.stack([slots[:, -1].max() + 1, offsets.min(),
+                                      (offsets > self.lengths).any().long()]).tolist()
+        if S > self.max_len or lowest < 0:
+            raise ValueError(
+                f"positions must lie in [0, max_len {self.max_len}): `offsets` {offsets.tolist()} "
+                f"+ {T} new tokens do not fit")
+        if gap:
+            raise ValueError(
+                f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
+                f"(lengths {self.lengths.tolist()}): a row can only continue or overwrite its text")
+        return offsets, slots, S, lowest
+
 
 def _described(value) -> str:
     return f"{getattr(value, 'dtype', type(value).__name__)} of shape {tuple(getattr(value, 'shape', ()))}"

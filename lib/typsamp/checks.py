@@ -139,3 +139,23 @@ def generator(name: str, value, device: torch.device, batch_size: int | None = N
     if value.device.type != device.type:
         raise ValueError(f"`{name}` lives on {value.device.type} but the tensors are on {device.type}")
     return value
+
+
+def probs_pair(name_a: str, a, name_b: str, b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check two probability tensors that are compared entry by entry: each a distribution
+    over its last dimension, the same vocabulary, shapes that broadcast, one device.
+    Returns both in the compute dtype (:func:`compute_dtype`)."""
+    probs(name_a, a)
+    probs(name_b, b)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"`{name_a}` and `{name_b}` have different vocabularies: their vocabulary "
+                         f"(last) dimensions are {a.shape[-1]} and {b.shape[-1]}")
+    try:
+        torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"the shapes of `{name_a}` {tuple(a.shape)} and `{name_b}` {tuple(b.shape)} "
+                         "do not broadcast") from None
+    if a.device != b.device:
+        raise ValueError(f"`{name_a}` is on {a.device} but `{name_b}` is on {b.device}")
+    dtype = compute_dtype(a, b)
+    return a.to(dtype), b.to(dtype)

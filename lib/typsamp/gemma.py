@@ -390,31 +390,10 @@ class Gemma(nn.Module):
             positions = slots = torch.arange(T, device=device).expand(B, T)
             S, lowest, layer_kv = T, 0, [None] * c.n_layer
         else:
-            if B != cache.batch_size:
-                raise ValueError(f"`tokens` has {B} rows but the cache was set up for {cache.batch_size}")
-            if offsets is None:
-                offsets = cache.lengths
-            elif offsets.shape != (B,) or offsets.dtype != torch.long:
-                raise ValueError(f"`offsets` must be int64 of shape [{B}], got {offsets.dtype} of shape {tuple(offsets.shape)}")
-            slots = offsets[:, None] + torch.arange(T, device=device)                # [B, T]
+            offsets, slots, S, lowest = cache.place(B, T, offsets, span)
             positions = offsets[:, None] + depths if tree else slots
-            if span is not None:
-                S = checks.integer("span", span, low=T)
-                if S > cache.max_len:
-                    raise ValueError(f"`span` {S} exceeds the cache's max_len {cache.max_len}")
-                if B == 1:
-                    lowest = S - T
-            else:
-                S, lowest, gap = torch.stack([slots[:, -1].max() + 1, offsets.min(),
-                                              (offsets > cache.lengths).any().long()]).tolist()
-                if S > cache.max_len or lowest < 0:
-                    raise ValueError(
-                        f"positions must lie in [0, max_len {cache.max_len}): `offsets` {offsets.tolist()} "
-                        f"+ {T} new tokens do not fit")
-                if gap:
-                    raise ValueError(
-                        f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
-                        f"(lengths {cache.lengths.tolist()}): a row can only continue or overwrite its text")
+            if span is not None and B == 1:
+                lowest = S - T
             layer_kv = cache.kv
         # Masks [B, T, keys]: global layers see every key up to their own position; local
         # layers only the last W of them, so they read from `lo` on (when the lowest row's

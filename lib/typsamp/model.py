@@ -245,30 +245,7 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=tokens.device)
             layer_kv, slots, mask, S = [None] * self.config.n_layer, None, None, 0
         else:
-            if B != cache.batch_size:
-                raise ValueError(f"`tokens` has {B} rows but the cache was set up for {cache.batch_size}")
-            if offsets is None:
-                offsets = cache.lengths
-            elif offsets.shape != (B,) or offsets.dtype != torch.long:
-                raise ValueError(f"`offsets` must be int64 of shape [{B}], got {offsets.dtype} of shape {tuple(offsets.shape)}")
-            slots = offsets[:, None] + torch.arange(T, device=tokens.device)       # [B, T]
-            if span is not None:
-                S = checks.integer("span", span, low=T)
-                if S > cache.max_len:
-                    raise ValueError(f"`span` {S} exceeds the cache's max_len {cache.max_len}")
-            else:
-                # Attend only to the cache prefix that some row uses (one host sync, which
-                # also checks the bounds): decode cost grows with the text, not with max_len.
-                S, lowest, gap = torch.stack([slots[:, -1].max() + 1, offsets.min(),
-                                              (offsets > cache.lengths).any().long()]).tolist()
-                if S > cache.max_len or lowest < 0:
-                    raise ValueError(
-                        f"positions must lie in [0, max_len {cache.max_len}): `offsets` {offsets.tolist()} "
-                        f"+ {T} new tokens do not fit")
-                if gap:
-                    raise ValueError(
-                        f"`offsets` {offsets.tolist()} skip positions the cache does not hold "
-                        f"(lengths {cache.lengths.tolist()}): a row can only continue or overwrite its text")
+            offsets, slots, S, _ = cache.place(B, T, offsets, span)
             key = torch.arange(S, device=tokens.device)
             if tree:
                 positions = offsets[:, None] + depths

@@ -293,18 +293,8 @@ def lenient_output_distribution(p: torch.Tensor, q: torch.Tensor, lenience: floa
 
 def _pair(p, q) -> tuple[torch.Tensor, torch.Tensor]:
     """Check two probability tensors that must broadcast; return them normalised."""
-    checks.probs("p", p)
-    checks.probs("q", q)
-    if p.shape[-1] != q.shape[-1]:
-        raise ValueError(f"`p` and `q` have different vocabularies: {p.shape[-1]} vs {q.shape[-1]}")
-    try:
-        torch.broadcast_shapes(p.shape, q.shape)
-    except RuntimeError:
-        raise ValueError(f"the shapes of `p` {tuple(p.shape)} and `q` {tuple(q.shape)} do not broadcast") from None
-    if p.device != q.device:
-        raise ValueError(f"`p` is on {p.device} but `q` is on {q.device}")
-    dtype = checks.compute_dtype(p, q)
-    return normalised(p, dtype), normalised(q, dtype)
+    p, q = checks.probs_pair("p", p, "q", q)
+    return normalised(p, p.dtype), normalised(q, q.dtype)
 
 
 def acceptance_rate(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

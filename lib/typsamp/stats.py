@@ -201,21 +201,6 @@ def chi_square_two_sample(counts_a: torch.Tensor, counts_b: torch.Tensor) -> Chi
 # Distances between distributions (chapters 3 and 6)
 
 
-def _pair(a, b) -> tuple[torch.Tensor, torch.Tensor]:
-    checks.probs("a", a)
-    checks.probs("b", b)
-    if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"`a` and `b` must share the last (vocabulary) dimension, got {a.shape[-1]} and {b.shape[-1]}")
-    try:
-        torch.broadcast_shapes(a.shape, b.shape)
-    except RuntimeError:
-        raise ValueError(f"`a` {tuple(a.shape)} and `b` {tuple(b.shape)} do not broadcast") from None
-    if a.device != b.device:
-        raise ValueError(f"`a` is on {a.device} but `b` is on {b.device}")
-    dtype = checks.compute_dtype(a, b)
-    return a.to(dtype), b.to(dtype)
-
-
 def tv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Total variation distance ½ Σ_x |a(x) - b(x)| over the last dimension, in [0, 1].
 
@@ -224,7 +209,7 @@ def tv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     probability rows [..., V] that broadcast; returns [...] in float32 (float64 if
     either input is).
     """
-    a, b = _pair(a, b)
+    a, b = checks.probs_pair("a", a, "b", b)
     return 0.5 * (a - b).abs().sum(dim=-1)
 
 
@@ -236,7 +221,7 @@ def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     0·log 0 counts as 0; the result is ``inf`` in a row where some a(x) > 0 = b(x).
     Rows [..., V] that broadcast; returns [...] in float32 (float64 if either input is).
     """
-    a, b = _pair(a, b)
+    a, b = checks.probs_pair("a", a, "b", b)
     return (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(dim=-1)
 
 
