@@ -10,7 +10,7 @@ test-split prompts (:mod:`typsamp.prompts`, every category) with
 α with its standard error (:func:`typsamp.stats.row_alpha`: rows are independent
 prompts with their own random streams, so the error bar is the spread between rows).
 
-    python -m typsamp.acceptance [--drafts trimmed,distilled,prompt_lookup]
+    python -m typsamp.acceptance [--drafts trimmed,distil,prompt_lookup]
         [--temperatures 0,0.3,0.7,1] [--per-category 2] [--prompt-tokens 64]
         [--new-tokens 24] [--gamma 4] [--seed 0] [--threads 1] [--out PATH]
 
@@ -23,7 +23,7 @@ Drafts
 ``trimmed``
     the target in bfloat16 with the frequency-trimmed head
     (``typsamp.drafts.trimmed_draft()``; q = 0 outside the kept tokens).
-``distilled``
+``distil``
     the small trained draft (``typsamp.distil.load_draft()``).
 ``prompt_lookup``
     n-gram drafting from the row's own text (``typsamp.drafts.PromptLookup()``): no
@@ -63,11 +63,11 @@ __all__ = ["DRAFTS", "TEMPERATURES", "DETERMINISTIC_METHODS", "OUT", "methods_fo
 #: Draft name -> what it is (see the module docstring).
 DRAFTS = {
     "trimmed": "the target in bfloat16 with the frequency-trimmed head (typsamp.drafts.trimmed_draft)",
-    "distilled": "the small distilled draft (typsamp.distil.load_draft)",
+    "distil": "the small distilled draft (typsamp.distil.load_draft)",
     "prompt_lookup": "n-gram lookup in the row's own text (typsamp.drafts.PromptLookup), deterministic",
     "bf16": "the target's weights in bfloat16 with the full head (typsamp.gemma.load(dtype=bfloat16))",
 }
-DEFAULT_DRAFTS = ("trimmed", "distilled", "prompt_lookup")
+DEFAULT_DRAFTS = ("trimmed", "distil", "prompt_lookup")
 TEMPERATURES = (0.0, 0.3, 0.7, 1.0)
 #: The methods that apply to a proposer whose drafts are deterministic (q = None).
 DETERMINISTIC_METHODS = ("rejection_greedy", "typical_greedy")
