@@ -9,6 +9,7 @@ CPU, threads, GPU, date, load average, commit and dirty flag) and ``versions``.
     python -m typsamp.bench [decode] [--device cpu|cuda] [--threads N] [--tokens N] [--prompts N] [--no-peer] [--out PATH]
     python -m typsamp.bench verify [--device cpu|cuda] [--threads N] [--out PATH] [--repeats N]
     python -m typsamp.bench generate [--device cpu|cuda] [--threads N] [--out PATH] [--tokens N] [--prompts N]
+    python -m typsamp.bench llm [--threads N] [--tokens N] [--prompts N] [--spec-dtype D] [--no-peer] [--out PATH]
     python -m typsamp.bench gpucheck [--out PATH] [--tokens N] [--prompts N] [--no-tests]
 
 Methods are named with the project's one vocabulary (:data:`METHODS`):
@@ -31,6 +32,17 @@ ms per token of :func:`typsamp.generate.autoregressive` and of speculative sampl
 (``rejection_sampled``) with each draft, the measured acceptance rate α and cost ratio c,
 the speed-up Leviathan et al.'s formula predicts from them, and the ratio measured /
 predicted, which shows how much the engine's own overhead costs.
+
+``llm`` (chapter 9, :func:`bench_llm`): Gemma 3 270M on this machine. The read
+bandwidth (:func:`read_bandwidth`, three kernels, the fastest kept) and the bytes one pass
+reads (:func:`bytes_per_pass`) give the limit on autoregressive tokens/s; our
+autoregressive decoding at batch 1 and 8 in float32 and bfloat16 beside ``transformers``'
+``Gemma3ForCausalLM.generate`` on the same weights (:func:`hf_gemma`); the cost of a pass
+over 1..16 positions against one (the c curve); speculative decoding with each draft of
+:data:`LLM_DRAFTS` at T in {0, 0.7, 1} (exact rule, γ tuned) against our autoregressive
+decoding and ``transformers``' assisted generation with the same draft (its head masked
+to the kept tokens) or prompt lookup, with Leviathan et al.'s prediction; the issue's
+goals judged from these numbers (``goals``). Writes ``notebooks/results/llm_bench.json``.
 
 ``gpucheck`` (``make gpu-check``, on a CUDA machine): exits at once with an error when
 CUDA is absent (it never skips); otherwise runs the CUDA tests with skips counted as
@@ -55,7 +67,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from typsamp import provenance, sampling, speculative, stats, typical
+from typsamp import checks, provenance, sampling, speculative, stats, typical
 
 ROOT = provenance.ROOT
 RESULTS = ROOT / "notebooks" / "results"
@@ -444,6 +456,497 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
 
 
 # ---------------------------------------------------------------------------------------
+# python -m typsamp.bench llm: Gemma 3 270M on this machine (chapter 9)
+
+#: Settings of the full ``llm`` run (the coordinator's ``make bench``); tests pass smaller ones.
+LLM_SETTINGS = {
+    "tokens": 64,              # new tokens per timed run (decode rate: see _decode_rate)
+    "short": 8,                # new tokens of the short run whose time is subtracted
+    "prompts": 2,              # batch-1 prompts (test split, round robin over LLM_CATEGORIES)
+    "prompt_tokens": 64,       # prompt length in tokens (BOS + the prompt's last tokens)
+    "batch": 8,                # the batched autoregressive cells
+    "batch_prompt_tokens": 32,
+    "positions": 16,           # the pass-cost curve: 1 .. positions new tokens
+    "temperatures": (0.0, 0.7, 1.0),
+    "gammas": (2, 3, 4, 5, 6, 8),  # gamma is chosen among these from measured alpha and costs
+    "first_gamma": 4,          # the gamma alpha is measured at first
+    "bandwidth_mib": 512,
+    "seed": 0,
+}
+#: Categories the bench's prompts come from, round robin (prompts.load(category, "test")).
+LLM_CATEGORIES = ("code", "shakespeare", "gsm8k", "mmlu_cot")
+#: Drafts the bench runs speculative decoding with (see bench_llm).
+LLM_DRAFTS = ("trimmed", "distil", "prompt_lookup")
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """The machine's read bandwidth in GB/s, from three kernels over a ``mib`` MiB matrix of
+    640 columns (the shape of Gemma's matrices): float32 matrix-vector (``torch.mv``),
+    float32 ``sum``, and bfloat16 matrix-vector. Each is the best (shortest) of ``repeats``
+    timed calls after a warm-up, so caches never hold the matrix (it is far larger than any
+    cache). ``gb_per_s`` is the fastest kernel's: the most this machine was seen to read."""
+    mib = checks.integer("mib", mib, low=1)
+    out, C = {}, 640
+    for name, dtype, op in (("fp32_matvec", torch.float32, "mv"), ("fp32_sum", torch.float32, "sum"),
+                            ("bf16_matvec", torch.bfloat16, "mv")):
+        rows = mib * 2 ** 20 // (C * torch.tensor([], dtype=dtype).element_size())
+        A = torch.randn(rows, C).to(dtype)
+        v = torch.randn(C).to(dtype)
+        fn = (lambda: torch.mv(A, v)) if op == "mv" else (lambda: A.sum())
+        fn()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = round(A.numel() * A.element_size() / best / 1e9, 2)
+        del A
+    kernel = max(out, key=out.get)
+    return {"gb_per_s": out[kernel], "kernel": f"{kernel} (best of {repeats} after a warm-up, "
+                                                f"{mib} MiB, {torch.get_num_threads()} threads)",
+            "kernels": out, "bytes": mib * 2 ** 20}
+
+
+def bytes_per_pass(model, context: int) -> int:
+    """Bytes one batch-1, one-token cached pass of a :class:`typsamp.gemma.Gemma` reads:
+    every parameter once (the tied embedding is the head's matrix; the one embedding row
+    looked up is counted in it) and the keys and values it attends to after ``context``
+    positions (local layers the last ``sliding_window``)."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    itemsize = model.model.embed_tokens.weight.element_size()
+    keys = sum(context + 1 if i in c.global_layers else min(context + 1, c.sliding_window)
+               for i in range(c.n_layer))
+    return int(weights + keys * 2 * c.n_kv_head * c.head_dim * itemsize)
+
+
+def pass_ms(model, context: int, new: int, batch: int = 1, repeats: int = 5) -> float:
+    """Median time (ms) of one cached pass of ``new`` tokens per row after ``context``
+    positions, ``batch`` rows; the prefill runs once and the timed passes rewrite the
+    same slots (the cache is ``context + new`` long)."""
+    model.setup_cache(batch, context + new)
+    offsets = torch.full((batch,), context, dtype=torch.long)
+    step = torch.zeros(batch, new, dtype=torch.long)
+    with torch.inference_mode():
+        model(torch.zeros(batch, context, dtype=torch.long), torch.zeros(batch, dtype=torch.long), span=context)
+        return timed(lambda: model(step, offsets, span=context + new), "cpu", repeats, min_seconds=0.0)
+
+
+def llm_prompts(tokenizer, count: int, length: int, categories=LLM_CATEGORIES) -> tuple[list[str], torch.Tensor]:
+    """``count`` test prompts (round robin over ``categories``, in each the test split's
+    order, skipping prompts shorter than ``length`` tokens) as int64 [count, length]: BOS
+    and the prompt's last ``length - 1`` tokens, so every row continues its prompt."""
+    from typsamp import prompts
+
+    pools = {c: iter(prompts.load(c, "test")) for c in categories}
+    names, rows = [], []
+    while len(rows) < count:
+        progress = False
+        for category in categories:
+            for p in pools[category]:
+                ids = tokenizer(p.text)["input_ids"]
+                if len(ids) >= length:
+                    names.append(f"{category}/{p.id}")
+                    rows.append([ids[0]] + ids[len(ids) - length + 1:])
+                    progress = True
+                    break
+            if len(rows) == count:
+                break
+        if not progress:
+            raise ValueError(f"fewer than {count} test prompts of {categories} have {length} tokens")
+    return names, torch.tensor(rows, dtype=torch.long)
+
+
+def hf_gemma(model, kept: torch.Tensor | None = None):
+    """``transformers``' ``Gemma3ForCausalLM`` with the weights of ``model`` (a
+    :class:`typsamp.gemma.Gemma`; same dtype, SDPA attention). With ``kept`` (int64 ids),
+    its head is trimmed like the engine's drafts: logits over the whole vocabulary, -inf
+    outside ``kept``, computed from those rows of the embedding only."""
+    from typsamp import hf
+
+    transformers = hf.transformers
+    c = model.config
+    config = transformers.Gemma3TextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.ffn,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim, sliding_window=c.sliding_window, rms_norm_eps=c.rms_eps,
+        max_position_embeddings=c.context_length, query_pre_attn_scalar=c.query_pre_attn_scalar,
+        layer_types=["full_attention" if i in c.global_layers else "sliding_attention" for i in range(c.n_layer)],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local},
+                         "full_attention": {"rope_type": "default", "rope_theta": c.rope_global}},
+        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    config._attn_implementation = "sdpa"
+    weight = model.model.embed_tokens.weight
+    peer = transformers.Gemma3ForCausalLM(config).to(dtype=weight.dtype)
+    missing, unexpected = peer.load_state_dict(model.state_dict(), strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"Gemma conversion mismatch: missing {missing}, unexpected {unexpected}")
+    peer.tie_weights()
+    if kept is not None:
+        peer.lm_head = _KeptHead(weight, kept)
+    return peer.eval()
+
+
+class _KeptHead(torch.nn.Module):
+    """A head over the rows ``kept`` of ``weight`` only, scattered into logits over the
+    whole vocabulary with -inf elsewhere (what the engine's trimmed drafts return)."""
+
+    def __init__(self, weight: torch.Tensor, kept: torch.Tensor):
+        super().__init__()
+        self.vocab_size = weight.shape[0]
+        self.register_buffer("kept", kept.to(torch.long), persistent=False)
+        self.register_buffer("rows", weight.detach()[kept].clone(), persistent=False)
+
+    @property
+    def weight(self):                 # transformers reads the head's size from its weight
+        return self.rows
+
+    def forward(self, h):
+        out = h.new_full((*h.shape[:-1], self.vocab_size), -math.inf)
+        out[..., self.kept] = torch.nn.functional.linear(h, self.rows)
+        return out
+
+
+def _hf_generate(peer, prompt: torch.Tensor, tokens: int, temperature: float, seed: int, *,
+                 assistant=None, gamma: int | None = None, lookup: int | None = None) -> tuple[float, int, torch.Tensor]:
+    """``peer.generate`` (``transformers``) of ``tokens`` new tokens: plain, assisted by
+    ``assistant`` proposing a constant ``gamma`` tokens, or prompt lookup of ``gamma``
+    tokens matching up to ``lookup``-grams. Temperature only (top-k, top-p off). Returns
+    (seconds, new tokens, tokens [B, tokens])."""
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, top_k=0, top_p=1.0,
+                  pad_token_id=peer.config.pad_token_id, attention_mask=torch.ones_like(prompt))
+    if temperature == 0:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=temperature)
+    if assistant is not None:
+        config = assistant.generation_config
+        config.num_assistant_tokens = gamma
+        config.num_assistant_tokens_schedule = "constant"
+        config.assistant_confidence_threshold = 0.0
+        kwargs["assistant_model"] = assistant
+    if lookup is not None:
+        kwargs.update(prompt_lookup_num_tokens=gamma, max_matching_ngram_size=lookup)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = peer.generate(prompt, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[:, prompt.shape[1]:]
+    return seconds, new.numel(), new
+
+
+def _draft_gemma(draft):
+    """(the typsamp Gemma a draft runs, its kept ids) for building transformers' assistant."""
+    from typsamp import gemma
+
+    nets = [getattr(draft, name, None) for name in ("model", "body")]
+    nets = [net for net in nets if isinstance(net, gemma.Gemma)]
+    kept = getattr(draft, "kept", None)
+    if not nets or not isinstance(kept, torch.Tensor):
+        raise TypeError(f"draft {type(draft).__name__} exposes no Gemma (`.model` or `.body`) and `.kept` (ids)")
+    return nets[0], kept
+
+
+def load_llm_drafts(dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The drafts of :data:`LLM_DRAFTS`: name -> a draft model (engine interface, with
+    ``.model`` and ``.kept``), a proposer factory (prompt lookup), or the reason (str) it
+    is not available (its module or weights are missing)."""
+    out = {}
+    for name in LLM_DRAFTS:
+        try:
+            if name == "trimmed":
+                from typsamp import drafts
+                out[name] = drafts.trimmed_draft(dtype=dtype)
+            elif name == "distil":
+                from typsamp import distil
+                out[name] = distil.load_draft(dtype=dtype)
+            else:
+                from typsamp import drafts
+                out[name] = drafts.PromptLookup
+        except Exception as error:                       # reported in the JSON, never hidden
+            out[name] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def _sig(x: float, digits: int = 5) -> float:
+    """``x`` rounded to ``digits`` significant digits (the JSON's numbers)."""
+    return float(f"{x:.{digits}g}")
+
+
+def _best_gamma(alpha: float, c: float, ratios: dict[int, float], gammas) -> int:
+    """The gamma in ``gammas`` that maximises expected tokens per unit of time, from the
+    measured ``alpha``, draft cost ``c`` and verification pass ratios (gamma + 1 positions
+    against 1): E[tokens](alpha, gamma) / (gamma c + ratio(gamma + 1))."""
+    def value(g):
+        return float(speculative.expected_tokens(min(alpha, 1.0), g)) / (g * c + ratios[g + 1])
+
+    return max(gammas, key=value)
+
+
+def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prompt_rows=None,
+              batch_rows=None, prompt_names=None, settings: dict | None = None,
+              spec_dtype: str = "bfloat16", peer: bool = True, progress: bool = True) -> dict:
+    """Gemma 3 270M decoding on this machine: the bandwidth limit, our engine against
+    ``transformers``, the pass-cost curve, speculative decoding with each draft.
+
+    ``targets``: dtype name ("float32", "bfloat16") -> a :class:`typsamp.gemma.Gemma` or
+    a zero-argument loader of one (loaded in turn and dropped after its part, to bound
+    memory). ``drafts``: name -> a draft model (engine interface with ``.model`` and
+    ``.kept``), a proposer class (prompt lookup: called as ``cls(ngram=3)``), or a str
+    saying why it is missing (default :func:`load_llm_drafts`). Speculative decoding runs
+    on the ``spec_dtype`` target. Prompts: ``prompt_rows`` [P, L] and ``batch_rows``
+    [batch, L'] (default :func:`llm_prompts` with ``tokenizer``). ``settings`` overrides
+    :data:`LLM_SETTINGS`.
+    """
+    from typsamp import generate
+
+    s = {**LLM_SETTINGS, **(settings or {})}
+    unknown = set(s) - set(LLM_SETTINGS)
+    if unknown:
+        raise ValueError(f"`settings` has unknown keys {sorted(unknown)}; use {sorted(LLM_SETTINGS)}")
+    if spec_dtype not in targets:
+        raise ValueError(f"`spec_dtype` {spec_dtype!r} is not one of the targets {sorted(targets)}")
+    clock = time.perf_counter()
+    seconds = {}
+    where = provenance.machine("cpu")                 # at the start: the load average before the run
+    if prompt_rows is None:
+        prompt_names, prompt_rows = llm_prompts(tokenizer, s["prompts"], s["prompt_tokens"])
+        _, batch_rows = llm_prompts(tokenizer, s["batch"], s["batch_prompt_tokens"])
+    prompt_list = [prompt_rows[i:i + 1] for i in range(prompt_rows.shape[0])]
+    P = prompt_rows.shape[1]
+    context = P + s["tokens"] // 2
+    seed, tokens, short = s["seed"], s["tokens"], s["short"]
+    if peer:
+        from typsamp import hf
+
+        hf.transformers.logging.set_verbosity_error()
+
+    t = time.perf_counter()
+    bandwidth = read_bandwidth(s["bandwidth_mib"])
+    seconds["bandwidth"] = time.perf_counter() - t
+    result = {"bandwidth": bandwidth, "bytes_per_pass": {}, "limit": {}, "pass_cost": {},
+              "autoregressive": [], "speculative_target": spec_dtype, "drafts": {}, "speculative": []}
+    ar_rate = {}                                        # (dtype, T) -> batch-1 tokens/s
+    bar = tqdm(total=len(targets) + 1, desc="llm bench", disable=not progress)
+
+    def ours_ar(model, rows, T):
+        def run(n):
+            out = generate.autoregressive(model, rows, n, warp=sampling.Warp(temperature=T), seed=seed)
+            return out.wall_time, int(out.lengths.sum()), out
+        return run
+
+    def theirs(peer_model, rows, T, **kw):
+        def run(n):
+            return _hf_generate(peer_model, rows, n, T, seed, **kw)
+        return run
+
+    def over_prompts(make_run, rows_list):
+        """Summed decode rate over prompts: total (long - short) tokens / total time difference."""
+        dn = dt = 0.0
+        outs = []
+        for rows in rows_list:
+            run = make_run(rows)
+            t_s, n_s, _ = run(short)
+            t_l, n_l, out = run(tokens)
+            dn, dt = dn + n_l - n_s, dt + t_l - t_s
+            outs.append(out)
+        return dn / max(dt, 1e-9), outs
+
+    spec_model = None
+    for dtype_name, target in targets.items():
+        t = time.perf_counter()
+        model = target() if callable(target) and not isinstance(target, torch.nn.Module) else target
+        model.clear_cache()
+        nbytes = bytes_per_pass(model, context)
+        result["bytes_per_pass"][dtype_name] = nbytes
+        limit_ms = 1e3 * nbytes / (bandwidth["gb_per_s"] * 1e9)
+        result["limit"][dtype_name] = {"ms_per_token": _sig(limit_ms), "tokens_per_s": _sig(1e3 / limit_ms)}
+        costs = [pass_ms(model, context, k) for k in range(1, s["positions"] + 1)]
+        result["pass_cost"][dtype_name] = {"positions": list(range(1, s["positions"] + 1)),
+                                           "ms": [_sig(x) for x in costs],
+                                           "ratio": [_sig(x / costs[0]) for x in costs]}
+        peer_model = hf_gemma(model) if peer else None
+        temps = s["temperatures"] if dtype_name == spec_dtype else (0.0,)
+        cells = [(1, T) for T in temps] + [(batch_rows.shape[0], 0.0)]
+        for B, T in cells:
+            rows_list = prompt_list if B == 1 else [batch_rows]
+            generate.autoregressive(model, rows_list[0], 2, seed=seed)            # warm-up
+            rate, outs = over_prompts(lambda rows: ours_ar(model, rows, T), rows_list)
+            row = {"dtype": dtype_name, "batch": B, "temperature": T, "tokens_per_s": _sig(rate),
+                   "ms_per_token": _sig(1e3 / rate)}
+            if B == 1:
+                ar_rate[(dtype_name, T)] = rate
+                row["fraction_of_limit"] = _sig(limit_ms / (1e3 / rate))
+            if peer and T == 0.0:
+                _hf_generate(peer_model, rows_list[0], 2, T, seed)                  # warm-up
+                peer_rate, peer_outs = over_prompts(lambda rows: theirs(peer_model, rows, T), rows_list)
+                row["peer_tokens_per_s"] = _sig(peer_rate)
+                row["ours_over_peer"] = _sig(rate / peer_rate)
+                row["peer_identical_tokens"] = all(torch.equal(o.tokens, p) for o, p in zip(outs, peer_outs))
+            result["autoregressive"].append(row)
+        seconds[dtype_name] = time.perf_counter() - t
+        bar.update()
+        if dtype_name == spec_dtype:
+            spec_model, spec_peer, spec_costs = model, peer_model, costs
+        else:
+            del model, peer_model
+
+    # Speculative decoding on the spec_dtype target, each draft at each temperature.
+    t = time.perf_counter()
+    drafts = load_llm_drafts() if drafts is None else drafts
+    ratios = {k + 1: x / spec_costs[0] for k, x in enumerate(spec_costs)}
+    gammas = [g for g in s["gammas"] if g + 1 <= s["positions"]]
+    for name, draft in drafts.items():
+        entry = {"available": not isinstance(draft, str)}
+        result["drafts"][name] = entry
+        if isinstance(draft, str):
+            entry["why"] = draft
+            continue
+        lookup = isinstance(draft, type)
+        if lookup:
+            entry.update(description="prompt lookup (n-gram match of the row's own text, n = 3): no model",
+                         pass_ms=0.0, c=0.0)
+            c = 0.0
+            assistant = None
+        else:
+            draft_ms = pass_ms(draft, context, 1)
+            c = draft_ms / spec_costs[0]
+            entry.update(description=getattr(draft, "description", type(draft).__name__),
+                         pass_ms=_sig(draft_ms), c=_sig(c))
+            assistant = None
+            if peer:
+                try:
+                    assistant = hf_gemma(*_draft_gemma(draft))
+                except TypeError as error:
+                    entry["peer_why"] = str(error)
+        for T in s["temperatures"]:
+            greedy = T == 0.0 or lookup
+            method = method_label(speculative.RejectionSampling(), greedy)
+
+            def spec(g):
+                def make(rows):
+                    def run(n):
+                        proposer = draft(ngram=3) if lookup else generate.DraftModel(draft, greedy=greedy)
+                        out = generate.speculative(spec_model, proposer, rows, n, gamma=g,
+                                                   rule=speculative.RejectionSampling(),
+                                                   warp=sampling.Warp(temperature=T), seed=seed)
+                        return out.wall_time, int(out.lengths.sum()), out
+                    return run
+                return make
+
+            search, runs = {}, {}
+            g = s["first_gamma"]
+            spec(g)(prompt_list[0])(2)                                              # warm-up
+            while g not in search and len(search) < 3:           # at most three gammas measured
+                search[g], runs[g] = over_prompts(spec(g), prompt_list)
+                alpha = sum(o.accepted for o in runs[g]) / max(sum(o.examined for o in runs[g]), 1)
+                g = _best_gamma(alpha, c, ratios, gammas)
+            g = max(search, key=search.get)
+            outs = runs[g]
+            rate = search[g]
+            alpha = sum(o.accepted for o in outs) / max(sum(o.examined for o in outs), 1)
+            steps = sum(o.steps for o in outs)
+            n_tokens = sum(int(o.lengths.sum()) for o in outs)
+            base = ar_rate[(spec_dtype, T)]
+            predicted = float(speculative.speedup(alpha, g, c))
+            predicted_costs = float(speculative.expected_tokens(alpha, g)) / (g * c + ratios[g + 1])
+            row = {"draft": name, "temperature": T, "method": method, "gamma": g,
+                   "gamma_search": {str(k): _sig(v) for k, v in sorted(search.items())},
+                   "tokens_per_s": _sig(rate), "ms_per_token": _sig(1e3 / rate),
+                   "alpha": _sig(alpha), "c": _sig(c), "tokens_per_step": _sig(n_tokens / steps),
+                   "autoregressive_tokens_per_s": _sig(base), "speedup_measured": _sig(rate / base),
+                   "speedup_predicted": _sig(predicted),
+                   "speedup_predicted_measured_costs": _sig(predicted_costs),
+                   "measured_over_predicted": _sig(rate / base / predicted)}
+            if peer and (lookup or assistant is not None):
+                kw = {"lookup": 3, "gamma": g} if lookup else {"assistant": assistant, "gamma": g}
+                _hf_generate(spec_peer, prompt_list[0], 2, T, seed, **kw)           # warm-up
+                peer_rate, _ = over_prompts(lambda rows: theirs(spec_peer, rows, T, **kw), prompt_list)
+                row["peer_tokens_per_s"] = _sig(peer_rate)
+                row["ours_over_peer"] = _sig(rate / peer_rate)
+            result["speculative"].append(row)
+        del assistant
+    seconds["speculative"] = time.perf_counter() - t
+    bar.update()
+    bar.close()
+    result["goals"] = _llm_goals(result, spec_dtype)
+    seconds["total"] = time.perf_counter() - clock
+    return {
+        "benchmark": "Gemma 3 270M on the CPU: bandwidth limit, our engine against transformers, "
+                     "pass cost over positions, speculative decoding with each draft",
+        "command": f"python -m typsamp.bench llm --threads {torch.get_num_threads()}",
+        "method": (
+            f"prompts: {len(prompt_list)} test prompts (batch 1) and {batch_rows.shape[0]} (batch "
+            f"{batch_rows.shape[0]}), BOS + the prompt's last tokens ({P} and {batch_rows.shape[1]} tokens), "
+            f"round robin over {', '.join(LLM_CATEGORIES)}. tokens/s = decoding rate without the prefill: "
+            f"(tokens of a {tokens}-token run - those of a {short}-token run) / (time difference), summed "
+            "over prompts, one warm-up first; batch 8 counts every row's tokens. Limit = bytes_per_pass / "
+            "bandwidth.gb_per_s (fastest read kernel). pass_cost: median of 5 cached passes of k new "
+            f"tokens after {context} positions, batch 1; ratio = ms / ms at k = 1. c = the draft's "
+            "one-token pass / the target's. Speculative rows: the exact rule speculative.RejectionSampling() "
+            "on the speculative_target; drafts sampled from q at T > 0 (rejection_sampled), greedy at T = 0 "
+            "and deterministic for prompt lookup (rejection_greedy); gamma: alpha measured at first_gamma, "
+            "then gamma chosen among gammas maximising E[tokens](alpha, gamma) / (gamma c + "
+            "ratio(gamma + 1)), the fastest measured kept (gamma_search). speedup_predicted = Leviathan "
+            "et al. Thm 3.8 from measured alpha, gamma, c. Peer: transformers Gemma3ForCausalLM (SDPA) "
+            "on the same weights and dtype, generate() with top_k 0, top_p 1; assisted generation with "
+            "the same draft as a Gemma3ForCausalLM whose head is the kept rows scattered into -inf "
+            "(num_assistant_tokens = gamma, constant schedule, confidence threshold 0), prompt lookup "
+            "with prompt_lookup_num_tokens = gamma, max_matching_ngram_size 3."),
+        "machine": where,
+        "versions": provenance.versions(),
+        "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+                     "threads": torch.get_num_threads(), "prompts": prompt_names,
+                     "prompt_count": len(prompt_list)},
+        **result,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+
+
+def _llm_goals(result: dict, spec_dtype: str) -> dict:
+    """Issue 12's goals, each {met, value, detail}, computed from the measurements above."""
+    goals = {}
+    ar = [r for r in result["autoregressive"] if r["batch"] == 1 and r["temperature"] == 0.0]
+    best = max(ar, key=lambda r: r["fraction_of_limit"])
+    goals["ar_within_15pct_of_limit"] = {
+        "met": best["fraction_of_limit"] >= 1 / 1.15, "value": best["fraction_of_limit"],
+        "detail": f"best batch-1 T=0 autoregressive: {best['dtype']} at {best['fraction_of_limit']:.0%} of "
+                  f"the bandwidth limit (within 15% means >= {1 / 1.15:.0%})"}
+    peers = [r for r in result["autoregressive"] if "ours_over_peer" in r]
+    goals["ar_faster_than_transformers"] = {
+        "met": bool(peers) and all(r["ours_over_peer"] > 1 for r in peers),
+        "value": min((r["ours_over_peer"] for r in peers), default=None),
+        "detail": "min ours/transformers.generate over " + ", ".join(
+            f"{r['dtype']} batch {r['batch']}: {r['ours_over_peer']:.2f}" for r in peers)}
+    spec = result["speculative"]
+    at07 = [r for r in spec if r["temperature"] == 0.7]
+    top = max(at07, key=lambda r: r["speedup_measured"], default=None)
+    goals["speculative_2x_at_T07"] = {
+        "met": top is not None and top["speedup_measured"] >= 2.0,
+        "value": None if top is None else top["speedup_measured"],
+        "detail": "no draft ran" if top is None else
+        f"best at T=0.7: {top['draft']} (gamma {top['gamma']}) {top['speedup_measured']:.2f}x our "
+        f"{spec_dtype} autoregressive"}
+    faster_all_t = sorted({r["draft"] for r in spec} - {r["draft"] for r in spec if r["speedup_measured"] <= 1})
+    goals["speculative_faster_at_every_T"] = {
+        "met": bool(faster_all_t), "value": faster_all_t,
+        "detail": "drafts faster than autoregressive at every temperature measured"}
+    goals["measured_over_predicted_ge_085"] = {
+        "met": top is not None and top["measured_over_predicted"] >= 0.85,
+        "value": None if top is None else top["measured_over_predicted"],
+        "detail": "measured/predicted of the best T=0.7 row"}
+    with_peer = [r for r in spec if "ours_over_peer" in r]
+    goals["faster_than_assisted"] = {
+        "met": bool(with_peer) and all(r["ours_over_peer"] > 1 for r in with_peer),
+        "value": min((r["ours_over_peer"] for r in with_peer), default=None),
+        "detail": "min ours/transformers over " + (", ".join(
+            f"{r['draft']} T={r['temperature']}: {r['ours_over_peer']:.2f}" for r in with_peer) or "no row")}
+    return goals
+
+
+# ---------------------------------------------------------------------------------------
 # make gpu-check
 
 #: A greedy (T = 0) token that differs between two devices counts as a float32 near-tie,
@@ -636,7 +1139,16 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--prompts", type=int, default=8, help="prompts, decoded as one batch (default: 8)")
     c.add_argument("--no-tests", action="store_true", help="skip running the CUDA tests first")
     c.add_argument("--out", type=Path, default=None, help="report JSON (default: notebooks/results/gpu_check.json)")
-    for p in (v, g, d, c):
+    m = sub.add_parser("llm", help="Gemma 3 270M: bandwidth limit, ours vs transformers, pass cost, drafts")
+    m.add_argument("--tokens", type=int, default=LLM_SETTINGS["tokens"],
+                   help=f"new tokens per timed run (default: {LLM_SETTINGS['tokens']})")
+    m.add_argument("--prompts", type=int, default=LLM_SETTINGS["prompts"],
+                   help=f"batch-1 test prompts (default: {LLM_SETTINGS['prompts']})")
+    m.add_argument("--spec-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                   help="the target of the speculative rows (default: bfloat16)")
+    m.add_argument("--no-peer", action="store_true", help="skip the transformers comparisons")
+    m.add_argument("--out", type=Path, default=None, help="output JSON (default: notebooks/results/llm_bench.json)")
+    for p in (v, g, d, c, m):
         p.add_argument("--threads", type=int, default=None,
                        help="torch intra-op threads (default: torch's choice, one per core)")
     argv = sys.argv[1:] if argv is None else argv
@@ -656,6 +1168,23 @@ def main(argv: list[str] | None = None) -> None:
         if report["failures"]:
             sys.exit("make gpu-check FAILED:\n  " + "\n  ".join(report["failures"]))
         print("make gpu-check: every check passed")
+        return
+
+    if args.command == "llm":
+        from typsamp import gemma
+
+        targets = {"float32": lambda: gemma.load(dtype=torch.float32),
+                   "bfloat16": lambda: gemma.load(dtype=torch.bfloat16)}
+        result = bench_llm(targets, gemma.load_tokenizer(), spec_dtype=args.spec_dtype, peer=not args.no_peer,
+                           settings={"tokens": args.tokens, "prompts": args.prompts})
+        out = args.out or RESULTS / "llm_bench.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        for key in ("bandwidth", "bytes_per_pass", "limit", "goals", "seconds"):
+            print(key, json.dumps(result[key]))
+        for row in result["autoregressive"] + result["speculative"]:
+            print("  ".join(f"{k}={v}" for k, v in row.items() if k != "gamma_search"))
+        print(f"wrote {out}")
         return
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
