@@ -106,3 +106,14 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="`name`"):
         sweeps.load("chapter5")
     assert set(typical.EXTRA) == {"greedy", "target", "truncated"}
+
+
+def test_chapter_6_simulations_reproduce():
+    simulated = sweeps.load("simulation")
+    cells = sweeps.simulation_cells()
+    assert [(t["kind"], t["context"], t["mode"], t["param"]) for t in simulated["tables"]] == cells
+    assert simulated["settings"]["contexts"] == sweeps.contexts_06()["contexts"].tolist()
+    for cell in (cells[1], cells[-1]):               # a typical-acceptance and a lenience table
+        same(sweeps.simulation_cell(*cell), simulated["tables"][cells.index(cell)], str(cell))
+    with pytest.raises(ValueError, match="no simulated table"):
+        sweeps.simulation_cell("typical", 0, "sampled", "greedy")

@@ -10,6 +10,7 @@ verifiably this code's output.
 
     python -m typsamp.sweeps acceptance [--out PATH]   # chapter 5: temperature_acceptance.json
     python -m typsamp.sweeps typical [--out PATH]      # chapter 6: typical_generation.json
+    python -m typsamp.sweeps simulation [--out PATH]   # chapter 6: typical_simulation.json
 
 Every cell of a sweep is computed on its own from fixed inputs (seeded prompts, its own
 seed), so any cell can be recomputed alone and must come out the same: :func:`run_cell`
@@ -32,6 +33,11 @@ prompts of 40 characters: greedy decoding against typical acceptance at T = 0 in
 (three extra tokens), Medusa's ε sweep in generation, Medusa's rule across seeds and
 temperatures (determinism), and the text of six decoding methods at four temperatures
 (target NLL, distinct-1/2 per row, characters per step, row 0's text).
+
+``simulation`` (chapter 6): the one-position laws of typical acceptance and of lenience
+against simulation: 60,000 copies of each of four held-out contexts (:func:`contexts_06`)
+per table, the counts of the emitted token (:func:`simulation_cell`); the chapter
+computes the laws and the chi-square tests itself.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from typsamp import data, generate, provenance, sampling, speculative, stats, ty
 from typsamp import model as gpt
 
 RESULTS = provenance.ROOT / "notebooks" / "results"
-FILES = {"acceptance": "temperature_acceptance.json", "typical": "typical_generation.json"}
+FILES = {"acceptance": "temperature_acceptance.json", "typical": "typical_generation.json",
+         "simulation": "typical_simulation.json"}
 
 # ---------------------------------------------------------------------------------------
 # Chapter 5: temperature against acceptance
@@ -383,8 +390,91 @@ def sweep_typical(progress: bool = True) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------
+# Chapter 6: the one-position laws against simulation
+
+N_WINDOWS_06, N_CONTEXTS_06, N_MC, T_MC = 32, 4096, 60_000, 1.0
+LENIENCE_MC = (0.5, 0.1)
+
+
+@functools.cache
+def contexts_06() -> dict[str, torch.Tensor]:
+    """Chapter 6's held-out contexts: 4,096 positions drawn (seed 0) from 32 windows of
+    256 characters (seed 7), the float64 target's and draft's logits there [4096, V],
+    and the four high-entropy contexts (entropy above 1.8 nats at T = 1) of the
+    simulations: the first two where the draft's greedy token passes Medusa's defaults,
+    then the first two where it fails."""
+    corpus = data.load_corpus()
+    m64 = _models64()
+    block, V = m64["target"].config.block_size, m64["target"].config.vocab_size
+    windows, _ = next(data.random_windows(corpus.val_ids, N_WINDOWS_06, block, torch.Generator().manual_seed(7)))
+    pick = torch.randperm(windows.numel(), generator=torch.Generator().manual_seed(0))[:N_CONTEXTS_06]
+    z_target = stats.teacher_forced_logits(m64["target"], windows, batch_size=8).reshape(-1, V)[pick]
+    z_draft = stats.teacher_forced_logits(m64["draft"], windows, batch_size=8).reshape(-1, V)[pick]
+    p = sampling.probs(z_target, T_MC)
+    high = sampling.entropy(p) > 1.8
+    passes = typical.acceptance_rate(p, z_draft.argmax(-1), **TYP_DEFAULTS) == 1
+    chosen = (high & passes).nonzero().flatten()[:2].tolist() + (high & ~passes).nonzero().flatten()[:2].tolist()
+    return {"z_target": z_target, "z_draft": z_draft, "contexts": torch.tensor(chosen)}
+
+
+def simulation_cells() -> list[tuple]:
+    """Every simulated table of chapter 6, in the order the file stores them: typical
+    acceptance (context, draft kind, extra token) and lenience (context, draft kind, l)."""
+    contexts = contexts_06()["contexts"].tolist()
+    cells = [("typical", c, mode, x) for c in contexts for mode in ("sampled", "greedy") for x in typical.EXTRA]
+    return cells + [("lenient", c, mode, l) for c in contexts for mode in ("sampled", "greedy") for l in LENIENCE_MC]
+
+
+def simulation_cell(kind: str, context: int, mode: str, param) -> dict:
+    """One simulated table: the rule (typical acceptance at Medusa's defaults with extra
+    token ``param``, or ``speculative.RejectionSampling(lenience=param)``) run with γ = 1
+    on 60,000 copies of one held-out context at T = 1, drafts sampled from q_1 or the
+    draft's greedy token; the counts of the first emitted token, and the share of drafts
+    accepted. Each table has its own generator, seeded by its place in
+    :func:`simulation_cells`."""
+    cell = (kind, context, mode, param)
+    cells = simulation_cells()
+    if cell not in cells:
+        raise ValueError(f"no simulated table {cell!r}; see simulation_cells()")
+    gen = torch.Generator().manual_seed({"typical": 11, "lenient": 12}[kind] * 10_000 + cells.index(cell))
+    ctx = contexts_06()
+    p = sampling.probs(ctx["z_target"][context], T_MC)
+    q = sampling.probs(ctx["z_draft"][context], T_MC)
+    V = p.shape[-1]
+    target_rows = p.expand(N_MC, 2, V)           # gamma = 1: the draft position, and one more
+    if mode == "sampled":
+        drafts = sampling.sample(q.expand(N_MC, V), gen)[:, None]
+    else:
+        drafts = ctx["z_draft"][context].argmax().expand(N_MC, 1).clone()
+    if kind == "typical":
+        verdict = _typical_rule(param).verify(drafts, None, target_rows, gen)
+    else:
+        draft_probs = q.expand(N_MC, 1, V) if mode == "sampled" else None
+        verdict = speculative.RejectionSampling(lenience=param).verify(drafts, draft_probs, target_rows, gen)
+    counts = torch.bincount(verdict.tokens[:, 0], minlength=V)
+    return dict(kind=kind, context=context, mode=mode, param=param, counts=counts.tolist(),
+                accepted=float(verdict.accepted.double().mean()))
+
+
+def sweep_simulation(progress: bool = True) -> dict:
+    """Chapter 6's simulated tables (see :func:`simulation_cell`)."""
+    torch.set_num_threads(1)
+    where = provenance.machine("cpu")
+    tables = [simulation_cell(*cell) for cell in tqdm(simulation_cells(), desc="simulations",
+                                                          disable=not progress)]
+    return {
+        "command": "python -m typsamp.sweeps simulation",
+        "settings": dict(copies=N_MC, T=T_MC, **TYP_DEFAULTS, lenience=list(LENIENCE_MC),
+                         contexts=contexts_06()["contexts"].tolist()),
+        "tables": tables,
+        "machine": where,
+        "versions": provenance.versions(),
+    }
+
+
 def load(name: str, path: str | Path | None = None) -> dict:
-    """The committed result of sweep ``name`` (``"acceptance"`` or ``"typical"``)."""
+    """The committed result of sweep ``name`` (``"acceptance"``, ``"typical"`` or ``"simulation"``)."""
     if name not in FILES:
         raise ValueError(f"`name` must be one of {tuple(FILES)}, got {name!r}")
     return json.loads(Path(path or RESULTS / FILES[name]).read_text())
@@ -395,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep", choices=tuple(FILES))
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: notebooks/results/<file>)")
     args = parser.parse_args(argv)
-    result = sweep_acceptance() if args.sweep == "acceptance" else sweep_typical()
+    result = {"acceptance": sweep_acceptance, "typical": sweep_typical, "simulation": sweep_simulation}[args.sweep]()
     out = args.out or RESULTS / FILES[args.sweep]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
