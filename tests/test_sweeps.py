@@ -117,3 +117,11 @@ def test_chapter_6_simulations_reproduce():
         same(sweeps.simulation_cell(*cell), simulated["tables"][cells.index(cell)], str(cell))
     with pytest.raises(ValueError, match="no simulated table"):
         sweeps.simulation_cell("typical", 0, "sampled", "greedy")
+
+
+def test_chapter_6_distances_reproduce():
+    committed = sweeps.load("distance")
+    assert [(c["T"], c["eps"]) for c in committed["grid"]] == [(T, e) for T in sweeps.DIST_T
+                                                              for e in sweeps.EPS_GRID]
+    same(sweeps.distance_cell(1.3, 0.2), committed["grid"][committed["grid"].index(
+        next(c for c in committed["grid"] if (c["T"], c["eps"]) == (1.3, 0.2)))], "distance 1.3/0.2")

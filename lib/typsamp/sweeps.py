@@ -11,6 +11,7 @@ verifiably this code's output.
     python -m typsamp.sweeps acceptance [--out PATH]   # chapter 5: temperature_acceptance.json
     python -m typsamp.sweeps typical [--out PATH]      # chapter 6: typical_generation.json
     python -m typsamp.sweeps simulation [--out PATH]   # chapter 6: typical_simulation.json
+    python -m typsamp.sweeps distance [--out PATH]     # chapter 6: typical_distance.json
 
 Every cell of a sweep is computed on its own from fixed inputs (seeded prompts, its own
 seed), so any cell can be recomputed alone and must come out the same: :func:`run_cell`
@@ -38,6 +39,10 @@ temperatures (determinism), and the text of six decoding methods at four tempera
 against simulation: 60,000 copies of each of four held-out contexts (:func:`contexts_06`)
 per table, the counts of the emitted token (:func:`simulation_cell`); the chapter
 computes the laws and the chi-square tests itself.
+
+``distance`` (chapter 6): the exact distance (TV, KL) of typical acceptance's one-position
+law from p_T, and its acceptance rate, on the same contexts over a grid of T and ε
+(:func:`distance_cell`); no randomness, only many evaluations of the exact law.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from typsamp import model as gpt
 
 RESULTS = provenance.ROOT / "notebooks" / "results"
 FILES = {"acceptance": "temperature_acceptance.json", "typical": "typical_generation.json",
-         "simulation": "typical_simulation.json"}
+         "simulation": "typical_simulation.json", "distance": "typical_distance.json"}
 
 # ---------------------------------------------------------------------------------------
 # Chapter 5: temperature against acceptance
@@ -473,8 +478,62 @@ def sweep_simulation(progress: bool = True) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------
+# Chapter 6: the exact distance of typical acceptance's output from p_T
+
+DIST_T = (0.25, 0.5, 0.7, 1.0, 1.3, 1.5)
+
+
+def distance_cell(T: float, eps: float) -> dict:
+    """Chapter 6's exact one-position distances at temperature ``T`` and ε = ``eps``
+    (δ = √ε), averaged over the 4,096 held-out contexts of :func:`contexts_06` (float64):
+    for sampled drafts (q_T) and greedy drafts (the draft's argmax) and each extra token,
+    the mean TV(π, p_T) and KL(π ‖ p_T) of the emitted law π
+    (:func:`typical.output_distribution`) and the acceptance rate; the smallest KL and
+    whether all are finite; for greedy drafts with Medusa's extra token and e = p, the
+    largest deviation of TV from its closed form; and η-sampling's TV at ε."""
+    ctx = contexts_06()
+    z_target, z_draft = ctx["z_target"], ctx["z_draft"]
+    x_greedy = z_draft.argmax(dim=-1)
+    p, q = sampling.probs(z_target, T), sampling.probs(z_draft, T)
+    p_max = p.amax(-1)
+    delta = math.sqrt(eps)
+    rows = []
+    for mode, law in (("sampled", q), ("greedy", x_greedy)):
+        ok = typical.acceptance_rate(p, law, eps, delta)
+        for extra in typical.EXTRA:
+            pi = typical.output_distribution(p, law, eps, delta, extra=extra)
+            kls, tvs = stats.kl(pi, p), stats.tv(pi, p)
+            closed = None
+            if mode == "greedy" and extra in ("greedy", "target"):   # pi: one-hot(x̂) if x̂ passes, else e
+                p_x = p.gather(-1, law[:, None]).squeeze(-1)
+                fail = 1 - p_max if extra == "greedy" else torch.zeros_like(p_max)
+                closed = float((tvs - (ok * (1 - p_x) + (1 - ok) * fail)).abs().max())
+            rows.append(dict(mode=mode, extra=extra, T=T, eps=eps, tv=float(tvs.mean()), kl=float(kls.mean()),
+                             accept=float(ok.mean()), kl_min=float(kls.min()),
+                             kl_finite=bool(torch.isfinite(kls).all()), closed_form_error=closed))
+    eta = float(stats.tv(sampling.probs(z_target, T, eta=eps), p).mean())
+    return dict(T=T, eps=eps, eta_tv=eta, rows=rows)
+
+
+def sweep_distance(progress: bool = True) -> dict:
+    """Chapter 6's distance grid (see :func:`distance_cell`) over :data:`DIST_T` x :data:`EPS_GRID`."""
+    torch.set_num_threads(1)
+    where = provenance.machine("cpu")
+    cells = [(T, e) for T in DIST_T for e in EPS_GRID]
+    grid = [distance_cell(*c) for c in tqdm(cells, desc="distances", disable=not progress)]
+    return {
+        "command": "python -m typsamp.sweeps distance",
+        "settings": dict(T=list(DIST_T), eps=list(EPS_GRID), delta="sqrt(eps)",
+                         contexts=N_CONTEXTS_06, windows=N_WINDOWS_06),
+        "grid": grid,
+        "machine": where,
+        "versions": provenance.versions(),
+    }
+
+
 def load(name: str, path: str | Path | None = None) -> dict:
-    """The committed result of sweep ``name`` (``"acceptance"``, ``"typical"`` or ``"simulation"``)."""
+    """The committed result of sweep ``name`` (one of :data:`FILES`)."""
     if name not in FILES:
         raise ValueError(f"`name` must be one of {tuple(FILES)}, got {name!r}")
     return json.loads(Path(path or RESULTS / FILES[name]).read_text())
@@ -485,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep", choices=tuple(FILES))
     parser.add_argument("--out", type=Path, default=None, help="output JSON (default: notebooks/results/<file>)")
     args = parser.parse_args(argv)
-    result = {"acceptance": sweep_acceptance, "typical": sweep_typical, "simulation": sweep_simulation}[args.sweep]()
+    result = {"acceptance": sweep_acceptance, "typical": sweep_typical, "simulation": sweep_simulation,
+              "distance": sweep_distance}[args.sweep]()
     out = args.out or RESULTS / FILES[args.sweep]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
