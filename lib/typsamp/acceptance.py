@@ -16,7 +16,10 @@ prompts with their own random streams, so the error bar is the spread between ro
 
 writes ``notebooks/results/llm_acceptance.json`` (machine, versions, commit and dirty
 flag from :mod:`typsamp.provenance`). It is a measurement of acceptance, not of speed:
-no timing is recorded except the run's total wall time.
+no timing is recorded except the run's total wall time. Drafts may also be measured in
+separate runs on the same settings, each written with ``--out
+notebooks/results/llm_acceptance_<draft>.json``; chapter 9 reads every
+``llm_acceptance*.json`` there and checks that their settings agree.
 
 Drafts
 ------
