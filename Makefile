@@ -6,6 +6,7 @@ MATHJAX_VERSION := 3.2.2
 INSTALLED := $(VENV)/.installed
 MATHJAX   := _build/.deps/static/mathjax/tex-chtml.js
 JB_FLAGS  := -W --keep-going
+NB_CACHE  := _build/.jupyter_cache
 
 .PHONY: install gemma book test notebooks bench gpu-check clean
 
@@ -41,15 +42,26 @@ $(MATHJAX):
 	npm install --prefix _build/.deps/npm --no-audit --no-fund --no-save --silent mathjax@$(MATHJAX_VERSION)
 	cp -r _build/.deps/npm/node_modules/mathjax/es5 _build/.deps/static/mathjax
 
+# The chapters are executed first, two at a time (one per core, one torch thread each),
+# into the execution cache the build reads (_build/.jupyter_cache: a chapter whose code has
+# not changed since its last run is not run again); the build then renders from it. A chapter
+# whose execution fails is not cached: the build runs it again itself and stops at the error.
 book: $(INSTALLED) gemma $(MATHJAX)
+	$(BIN)/python -c "import glob, jupyter_cache; c = jupyter_cache.get_cache('$(NB_CACHE)'); \
+		[c.add_nb_to_project(p) for p in sorted(glob.glob('notebooks/[0-9]*.ipynb'))]"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/jcache project -p $(NB_CACHE) execute \
+		--executor local-parallel --timeout 600 --verbosity WARNING
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
 	@echo "The book is in _build/html/index.html"
 
 # Unit, statistical and property tests; nbval on every notebook (lax: only cells marked
 # NBVAL_CHECK_OUTPUT have their output compared); then the book build and its checks,
-# including the headless-Chromium page check.
+# including the headless-Chromium page check. Two workers, one torch thread each (the
+# small models are overhead-bound: one thread per process uses two cores best); each file
+# (and so each notebook, whose cells share one kernel) stays on one worker.
 test: book
-	$(BIN)/python -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest tests notebooks --nbval-lax \
+		-p no:cacheprovider -n 2 --dist loadfile
 
 # Speed measurements, side by side in one run, written as JSON under notebooks/results/
 # (with the machine, versions and commit recorded); on a CUDA machine the GPU too.
