@@ -256,11 +256,41 @@ def test_sample_batch_gathers_each_ragged_rows_last_position(tiny):
     assert [len(s) for s in out] == [6, 3, 5] and all(s[:-1] == r for s, r in zip(out, rows))
 
 
+class _CharTokenizer:
+    """A stand-in for Gemma's tokenizer over the tiny vocabulary: BOS, then one id per character."""
+
+    def __call__(self, text):
+        class Encoding:
+            input_ids = [2] + [3 + ord(ch) % (TINY.vocab_size - 3) for ch in text]
+        return Encoding()
+
+
+def test_the_frequency_cli_end_to_end_on_the_tiny_model(tiny, monkeypatch, tmp_path):
+    monkeypatch.setattr(gemma, "load", lambda dtype: copy.deepcopy(tiny).to(dtype))
+    monkeypatch.setattr(gemma, "load_tokenizer", lambda: _CharTokenizer())
+    assert drafts.main(["frequencies", "--limit", "3", "--new-tokens", "4", "--prompt-tokens", "6",
+                        "--test-new-tokens", "2", "--keep", "20", "--batch-size", "2",
+                        "--out", str(tmp_path), "--generations", str(tmp_path)]) == 0
+    kept = drafts.kept_tokens(tmp_path / drafts.KEPT_FILE.name)
+    assert kept.shape == (20,) and bool((kept[1:] > kept[:-1]).all())
+    record = json.loads((tmp_path / drafts.RECORD_FILE.name).read_text())
+    runs = drafts.load_generations(drafts.generations_path(tmp_path))
+    assert runs["split"].tolist() == [0, 0, 0, 1, 1, 1] and len(runs["prompts"]) == 6
+    assert runs["prompt_lengths"].tolist() == [6] * 6 and runs["starts"][-1] == runs["tokens"].numel()
+    generated = [runs["tokens"][a + 6:b].long() for a, b in zip(runs["starts"][:-1], runs["starts"][1:])]
+    assert [g.numel() for g in generated][:3] == [4, 4, 4] or int(runs["tokens"].eq(1).sum()) > 0
+    assert record["tokens_generated"] == {"train": sum(g.numel() for g in generated[:3]),
+                                          "test": sum(g.numel() for g in generated[3:])}
+    inside = torch.isin(torch.cat(generated[:3]), kept).double().mean()
+    assert record["coverage"]["train_generations"] == round(float(inside), 5)
+    assert record["settings"]["seed"] == drafts.SEED and record["settings"]["target_dtype"] == "bfloat16"
+
+
 def test_committed_kept_tokens_and_record():
     kept = drafts.kept_tokens()
     assert kept.shape == (drafts.KEEP,) and kept.dtype == torch.long
     assert bool((kept[1:] > kept[:-1]).all()) and int(kept[0]) >= 0 and int(kept[-1]) < 262_144
-    assert {1, 2, 107} <= set(kept[:200].tolist())      # EOS, BOS and "\n" are kept
+    assert {1, 107} <= set(kept[:200].tolist())         # EOS and "\n" are kept
     record = json.loads(drafts.RECORD_FILE.read_text())
     assert record["settings"]["seed"] == drafts.SEED and record["settings"]["limit"] is None
     coverage = record["coverage"]

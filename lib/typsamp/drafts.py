@@ -24,8 +24,11 @@ probability of the token there (an unbiased estimate of how often it is emitted,
 far less variance than the sampled counts, and one that ranks every token, not only the
 few thousand ever drawn). The top :data:`KEEP` ids (sorted) are committed as
 ``lib/typsamp/weights/gemma_kept_tokens.safetensors`` with the record
-``gemma_kept_tokens.json`` (tokens generated, coverage of the kept set on the train
-generations and on generations from the test-split prompts, seed, versions, command).
+``gemma_kept_tokens.json`` (tokens generated, coverage of the kept set on those
+generations and on held-out text: the test-split prompts' own tokens, and generations
+from them when ``--test-new-tokens`` > 0; seed, threads, versions, command). The
+defaults (:data:`NEW_TOKENS` per prompt after its last :data:`PROMPT_TOKENS` tokens) are
+what fits in about ten minutes on two shared CPU cores.
 
 The generations themselves go to the Gemma cache (outside git,
 :func:`generations_path`) for the distilled draft (:mod:`typsamp.distil`) to train on;
@@ -346,8 +349,7 @@ class TrimmedHead:
             self.model.cache = saved
         B, T, _ = small.shape
         out = torch.full((B, T, self.vocab_size), -math.inf, dtype=torch.float32, device=small.device)
-        out[:, :, self.kept] = small.float()
-        return out
+        return out.index_copy_(2, self.kept, small.float())
 
 
 def trimmed_draft(dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
