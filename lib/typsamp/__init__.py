@@ -17,8 +17,14 @@ One module per idea; each chapter of the book uses the modules named here:
   a GPT-2 with a static KV cache, and the training CLI behind the shipped weights (chapter 4).
 * :mod:`typsamp.generate`  the decoding engine: autoregressive and speculative, as
   propose -> score -> verify -> commit (chapter 4).
+* :mod:`typsamp.sweeps`  the generation sweeps and simulations behind chapters 5-6, a CLI whose
+  JSON the chapters load.
 * :mod:`typsamp.gemma`  Gemma 3 270M, the real pretrained LLM: install, dequantise, a compact
-  implementation (chapter 9).
+  implementation (chapter 9); :mod:`typsamp.prompts` the benchmark prompt sets of chapters 9-11.
+* :mod:`typsamp.drafts`  drafts for its 262k vocabulary: the target with a frequency-trimmed
+  head, prompt lookup, layer skipping (chapter 9); :mod:`typsamp.distil` a small draft
+  distilled from the target; :mod:`typsamp.acceptance` acceptance rate against temperature on
+  the LLM for every draft and rule (a CLI whose JSON chapter 9 loads).
 * :mod:`typsamp.hf`  everything that touches ``transformers``: the adapter for any Hugging
   Face causal LM, weight conversion, the peer baseline of the benchmarks.
 * :mod:`typsamp.transfer`  what draft and target exchange under each rule, in bytes and time (chapter 7).
