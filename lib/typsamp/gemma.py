@@ -287,6 +287,25 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden, config.rms_eps)
 
 
+#: Rows from which a float32 head runs on oneDNN with the matrix packed once (below).
+PACKED_HEAD_ROWS = 3
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` reordered once into oneDNN's blocked layout for ``_linear_pointwise``,
+    kept beside it and rebuilt whenever the tensor changes (its storage or version);
+    None where oneDNN is not available, or on a device other than the CPU."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    cached = getattr(weight, "_typsamp_packed", None)     # lives and dies with the tensor
+    if cached is None or cached[0] != key:
+        with torch.inference_mode():
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_HEAD_ROWS))
+        weight._typsamp_packed = cached
+    return cached[1]
+
+
 def _head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits [N, V] of hidden states ``h`` [N, C] under the tied ``weight`` [V, C].
 
@@ -295,8 +314,23 @@ def _head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for 2-8 rows (a 5-row head about 2x a 1-row one, 1.03x this way, 2 threads). Measured
     again here, under a load of 7-9 on 2 cores (min of 12): in bfloat16 this way is as fast
     or up to 2x faster for every N in 1..16; in float32 the two are within noise except at
-    N = 2 (F.linear faster) and N = 8 (this way faster). To be re-measured on a quiet machine
-    (the benchmark); this function is the one place to change."""
+    N = 2 (F.linear faster, so used there) and N = 8 (this way faster).
+
+    In float32 from :data:`PACKED_HEAD_ROWS` rows on, without autograd, on a CPU with
+    oneDNN, the product runs on oneDNN with the matrix packed once into its blocked layout
+    (:func:`_packed`; the packed copy costs the matrix's size in memory once, and is
+    rebuilt when the weight changes): MKL's float32 GEMM repacks the 262k x 640 matrix on
+    every call for few rows, so a 5- or 8-row head cost 2-3x a 1-row one (CPU time, 1
+    thread, loaded machine); packed once, 1.3-2.3x less. Same float32 arithmetic (differences
+    are summation-order rounding). To be re-measured on a quiet machine (the benchmark);
+    this function is the one place to change."""
+    if (h.dtype == torch.float32 and h.shape[0] >= PACKED_HEAD_ROWS and not torch.is_grad_enabled()
+            and weight.dtype == torch.float32):
+        packed = _packed(weight)
+        if packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "")
+    if h.dtype == torch.float32 and h.shape[0] == 2:
+        return F.linear(h, weight)                        # float32, 2 rows: F.linear's path is the fast one
     return (weight @ h.T).T
 
 
