@@ -190,3 +190,22 @@ def test_unknown_settings_and_spec_dtype_are_refused():
         bench.bench_llm({"float32": _tiny()}, settings={"tokenz": 3})
     with pytest.raises(ValueError, match="spec_dtype"):
         bench.bench_llm({"float32": _tiny()}, spec_dtype="bfloat16")
+
+
+def test_packed_float32_head_equals_the_plain_product_and_follows_weight_changes():
+    """gemma's float32 multi-row head (oneDNN, matrix packed once) against (W @ h.T).T."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, 32, generator=gen)
+    h = torch.randn(5, 32, generator=gen)
+    with torch.inference_mode():
+        plain = (weight @ h.T).T
+        assert (gemma._head(h, weight, pack=True) - plain).abs().max().item() < 1e-4
+        weight.mul_(-2.0)                                # in place: the packed copy must be rebuilt
+        again = gemma._head(h, weight, pack=True)
+    assert (again + 2.0 * plain).abs().max().item() < 1e-4
+    model = _tiny()
+    tokens = torch.randint(0, TINY.vocab_size, (1, 7), generator=gen)
+    with torch.inference_mode():
+        ours = model(tokens)
+        plain = model(tokens, head=None) @ model.model.embed_tokens.weight.T
+    assert (ours - plain).abs().max().item() < 1e-4

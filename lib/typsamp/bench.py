@@ -477,6 +477,10 @@ LLM_SETTINGS = {
 LLM_CATEGORIES = ("code", "shakespeare", "gsm8k", "mmlu_cot")
 #: Drafts the bench runs speculative decoding with (see bench_llm).
 LLM_DRAFTS = ("trimmed", "distil", "prompt_lookup")
+LLM_DRAFT_DESCRIPTIONS = {
+    "trimmed": "the target in bfloat16 with its head trimmed to the kept tokens (typsamp.drafts.trimmed_draft)",
+    "distil": "a 2-layer Gemma draft on the target's embedding, trimmed head, distilled (typsamp.distil.load_draft)",
+}
 
 
 def read_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
@@ -649,10 +653,11 @@ def _draft_gemma(draft):
     return nets[0], kept
 
 
-def load_llm_drafts(dtype: torch.dtype = torch.bfloat16) -> dict:
+def load_llm_drafts(dtype: torch.dtype = torch.bfloat16, target=None) -> dict:
     """The drafts of :data:`LLM_DRAFTS`: name -> a draft model (engine interface, with
     ``.model`` and ``.kept``), a proposer factory (prompt lookup), or the reason (str) it
-    is not available (its module or weights are missing)."""
+    is not available (its module or weights are missing). DISTIL's draft shares the
+    embedding of ``target`` when it has the draft's dtype."""
     out = {}
     for name in LLM_DRAFTS:
         try:
@@ -661,7 +666,8 @@ def load_llm_drafts(dtype: torch.dtype = torch.bfloat16) -> dict:
                 out[name] = drafts.trimmed_draft(dtype=dtype)
             elif name == "distil":
                 from typsamp import distil
-                out[name] = distil.load_draft(dtype=dtype)
+                same = target is not None and target.model.embed_tokens.weight.dtype == dtype
+                out[name] = distil.load_draft(dtype=dtype, target=target if same else None)
             else:
                 from typsamp import drafts
                 out[name] = drafts.PromptLookup
@@ -795,7 +801,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
 
     # Speculative decoding on the spec_dtype target, each draft at each temperature.
     t = time.perf_counter()
-    drafts = load_llm_drafts() if drafts is None else drafts
+    drafts = load_llm_drafts(target=spec_model) if drafts is None else drafts
     ratios = {k + 1: x / spec_costs[0] for k, x in enumerate(spec_costs)}
     gammas = [g for g in s["gammas"] if g + 1 <= s["positions"]]
     for name, draft in drafts.items():
@@ -813,7 +819,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
         else:
             draft_ms = pass_ms(draft, context, 1)
             c = draft_ms / spec_costs[0]
-            entry.update(description=getattr(draft, "description", type(draft).__name__),
+            entry.update(description=LLM_DRAFT_DESCRIPTIONS.get(name, type(draft).__name__),
                          pass_ms=_sig(draft_ms), c=_sig(c))
             assistant = None
             if peer:
@@ -894,7 +900,9 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
             "on the same weights and dtype, generate() with top_k 0, top_p 1; assisted generation with "
             "the same draft as a Gemma3ForCausalLM whose head is the kept rows scattered into -inf "
             "(num_assistant_tokens = gamma, constant schedule, confidence threshold 0), prompt lookup "
-            "with prompt_lookup_num_tokens = gamma, max_matching_ngram_size 3."),
+            "with prompt_lookup_num_tokens = gamma, max_matching_ngram_size 3. peer_identical_tokens "
+            "compares greedy tokens; in bfloat16 the two implementations round differently, so rows "
+            "may part at near-ties."),
         "machine": where,
         "versions": provenance.versions(),
         "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},

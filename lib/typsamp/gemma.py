@@ -306,7 +306,7 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     return cached[1]
 
 
-def _head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _head(h: torch.Tensor, weight: torch.Tensor, pack: bool = False) -> torch.Tensor:
     """Logits [N, V] of hidden states ``h`` [N, C] under the tied ``weight`` [V, C].
 
     Computed as ``(weight @ h.T).T`` (a view of a [V, N] product, not a copy) rather than
@@ -316,15 +316,16 @@ def _head(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     or up to 2x faster for every N in 1..16; in float32 the two are within noise except at
     N = 2 (F.linear faster, so used there) and N = 8 (this way faster).
 
-    In float32 from :data:`PACKED_HEAD_ROWS` rows on, without autograd, on a CPU with
-    oneDNN, the product runs on oneDNN with the matrix packed once into its blocked layout
-    (:func:`_packed`; the packed copy costs the matrix's size in memory once, and is
-    rebuilt when the weight changes): MKL's float32 GEMM repacks the 262k x 640 matrix on
-    every call for few rows, so a 5- or 8-row head cost 2-3x a 1-row one (CPU time, 1
-    thread, loaded machine); packed once, 1.3-2.3x less. Same float32 arithmetic (differences
-    are summation-order rounding). To be re-measured on a quiet machine (the benchmark);
-    this function is the one place to change."""
-    if (h.dtype == torch.float32 and h.shape[0] >= PACKED_HEAD_ROWS and not torch.is_grad_enabled()
+    With ``pack`` (the model's own tied head), in float32 from :data:`PACKED_HEAD_ROWS`
+    rows on, without autograd, on a CPU with oneDNN, the product runs on oneDNN with the
+    matrix packed once into its blocked layout (:func:`_packed`; the packed copy costs the
+    matrix's size in memory once, and is rebuilt when the weight changes). Measured (CPU
+    time, 1 thread, loaded machine): a 3-8 row float32 head cost 2-3x a 1-row one through
+    MKL, and whole 3-8 position passes take 1.3-1.6x less CPU time this way (our guess at
+    the cause: the GEMM re-arranges the 262k x 640 matrix on every call for few rows; not
+    verified). Same float32 arithmetic (differences are summation-order rounding). To be
+    re-measured on a quiet machine (the benchmark); this function is the one place to change."""
+    if (pack and h.dtype == torch.float32 and h.shape[0] >= PACKED_HEAD_ROWS and not torch.is_grad_enabled()
             and weight.dtype == torch.float32):
         packed = _packed(weight)
         if packed is not None:
@@ -467,7 +468,7 @@ class Gemma(nn.Module):
             if head is None:
                 return x
             rows = weight if head is True else head
-            return _head(x.reshape(B * T, c.hidden), rows).view(B, T, rows.shape[0])
+            return _head(x.reshape(B * T, c.hidden), rows, pack=head is True).view(B, T, rows.shape[0])
 
 
 # ---------------------------------------------------------------------------------------
