@@ -916,12 +916,14 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
 def _llm_goals(result: dict, spec_dtype: str) -> dict:
     """Issue 12's goals, each {met, value, detail}, computed from the measurements above."""
     goals = {}
-    ar = [r for r in result["autoregressive"] if r["batch"] == 1 and r["temperature"] == 0.0]
-    best = max(ar, key=lambda r: r["fraction_of_limit"])
+    ar = [r for r in result["autoregressive"] if r["batch"] == 1]
+    best = max(ar, key=lambda r: r["fraction_of_limit"], default=None)
     goals["ar_within_15pct_of_limit"] = {
-        "met": best["fraction_of_limit"] >= 1 / 1.15, "value": best["fraction_of_limit"],
-        "detail": f"best batch-1 T=0 autoregressive: {best['dtype']} at {best['fraction_of_limit']:.0%} of "
-                  f"the bandwidth limit (within 15% means >= {1 / 1.15:.0%})"}
+        "met": best is not None and best["fraction_of_limit"] >= 1 / 1.15,
+        "value": None if best is None else best["fraction_of_limit"],
+        "detail": "no batch-1 row" if best is None else
+        f"best batch-1 autoregressive: {best['dtype']} at T={best['temperature']}, "
+        f"{best['fraction_of_limit']:.0%} of the bandwidth limit (within 15% means >= {1 / 1.15:.0%})"}
     peers = [r for r in result["autoregressive"] if "ours_over_peer" in r]
     goals["ar_faster_than_transformers"] = {
         "met": bool(peers) and all(r["ours_over_peer"] > 1 for r in peers),
