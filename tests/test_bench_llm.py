@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 TINY = gemma.GemmaConfig(vocab_size=97, n_layer=4, hidden=32, ffn=48, n_head=4, n_kv_head=2, head_dim=8,
                          sliding_window=4, global_every=2, context_length=128)
 SETTINGS = {"tokens": 8, "short": 2, "prompts": 2, "prompt_tokens": 6, "batch": 3, "batch_prompt_tokens": 5,
-            "positions": 5, "temperatures": (0.0, 0.7), "gammas": (2, 3, 4), "first_gamma": 2,
+            "positions": 5, "temperatures": (0.0, 0.7), "gammas": (2, 3, 4), "first_gamma": 2, "gamma_tries": 3,
             "bandwidth_mib": 4, "seed": 0}
 
 

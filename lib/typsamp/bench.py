@@ -460,8 +460,8 @@ def bench_decode(device: str = "cpu", tokens: int = 160, prompts: int = 4, seed:
 
 #: Settings of the full ``llm`` run (the coordinator's ``make bench``); tests pass smaller ones.
 LLM_SETTINGS = {
-    "tokens": 64,              # new tokens per timed run (decode rate: see _decode_rate)
-    "short": 8,                # new tokens of the short run whose time is subtracted
+    "tokens": 48,              # new tokens per timed run (the decode rate: see bench_llm's method)
+    "short": 6,                # new tokens of the short run whose time is subtracted
     "prompts": 2,              # batch-1 prompts (test split, round robin over LLM_CATEGORIES)
     "prompt_tokens": 64,       # prompt length in tokens (BOS + the prompt's last tokens)
     "batch": 8,                # the batched autoregressive cells
@@ -470,6 +470,7 @@ LLM_SETTINGS = {
     "temperatures": (0.0, 0.7, 1.0),
     "gammas": (2, 3, 4, 5, 6, 8),  # gamma is chosen among these from measured alpha and costs
     "first_gamma": 4,          # the gamma alpha is measured at first
+    "gamma_tries": 2,          # most gammas measured per (draft, temperature)
     "bandwidth_mib": 512,
     "seed": 0,
 }
@@ -845,7 +846,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
             search, runs = {}, {}
             g = s["first_gamma"]
             spec(g)(prompt_list[0])(2)                                              # warm-up
-            while g not in search and len(search) < 3:           # at most three gammas measured
+            while g not in search and len(search) < s["gamma_tries"]:
                 search[g], runs[g] = over_prompts(spec(g), prompt_list)
                 alpha = sum(o.accepted for o in runs[g]) / max(sum(o.examined for o in runs[g]), 1)
                 g = _best_gamma(alpha, c, ratios, gammas)
@@ -895,7 +896,8 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
             "on the speculative_target; drafts sampled from q at T > 0 (rejection_sampled), greedy at T = 0 "
             "and deterministic for prompt lookup (rejection_greedy); gamma: alpha measured at first_gamma, "
             "then gamma chosen among gammas maximising E[tokens](alpha, gamma) / (gamma c + "
-            "ratio(gamma + 1)), the fastest measured kept (gamma_search). speedup_predicted = Leviathan "
+            "ratio(gamma + 1)) and measured in turn (at most gamma_tries gammas), the fastest measured kept "
+            "(gamma_search). speedup_predicted = Leviathan "
             "et al. Thm 3.8 from measured alpha, gamma, c. Peer: transformers Gemma3ForCausalLM (SDPA) "
             "on the same weights and dtype, generate() with top_k 0, top_p 1; assisted generation with "
             "the same draft as a Gemma3ForCausalLM whose head is the kept rows scattered into -inf "
