@@ -425,3 +425,10 @@ def test_head_argument_gives_hidden_states_or_a_trimmed_head():
         model(tokens, head=torch.zeros(3, TINY.hidden + 1))
     with pytest.raises(TypeError, match="head"):
         model(tokens, head="lm")
+
+
+def test_bfloat16_one_row_head_equals_the_plain_product():
+    torch.manual_seed(1)
+    weight = torch.randn(1000, 64).to(torch.bfloat16)
+    h = torch.randn(1, 64).to(torch.bfloat16)
+    assert torch.equal(gemma._head(h, weight), (weight @ h.T).T)

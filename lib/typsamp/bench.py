@@ -753,6 +753,12 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
         """Summed decode rate over prompts: total (long - short) tokens / total time difference."""
         dn = dt = 0.0
         outs = []
+        # Warm-up at the full length first: on the CPU, oneDNN builds (and caches) a kernel
+        # for every new shape, and every decode step's span is a new shape; a warm-up of a
+        # few tokens left those one-time costs inside the timed runs (in bfloat16, rates
+        # that were off by orders of magnitude). Prompts share their length, so one
+        # full-length run covers the shapes of all of them.
+        make_run(rows_list[0])(tokens)
         for rows in rows_list:
             run = make_run(rows)
             t_s, n_s, _ = run(short)
@@ -889,7 +895,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
             f"{batch_rows.shape[0]}), BOS + the prompt's last tokens ({P} and {batch_rows.shape[1]} tokens), "
             f"round robin over {', '.join(LLM_CATEGORIES)}. tokens/s = decoding rate without the prefill: "
             f"(tokens of a {tokens}-token run - those of a {short}-token run) / (time difference), summed "
-            "over prompts, one warm-up first; batch 8 counts every row's tokens. Limit = bytes_per_pass / "
+            "over prompts, after one full-length warm-up run (every decode shape built once); batch 8 counts every row's tokens. Limit = bytes_per_pass / "
             "bandwidth.gb_per_s (fastest read kernel). pass_cost: median of 5 cached passes of k new "
             f"tokens after {context} positions, batch 1; ratio = ms / ms at k = 1. c = the draft's "
             "one-token pass / the target's. Speculative rows: the exact rule speculative.RejectionSampling() "
