@@ -354,7 +354,9 @@ def test_committed_weights_reproduce_their_record(name, corpus):
 
 
 def test_committed_weights_are_small():
-    files = list(gpt.WEIGHTS_DIR.glob("*.safetensors"))
+    # The book's character models (the Gemma draft's files, gemma_*, are bounded in
+    # tests/test_distil.py and tests/test_drafts.py).
+    files = [f for f in gpt.WEIGHTS_DIR.glob("*.safetensors") if not f.name.startswith("gemma_")]
     if not files:
         pytest.skip("no trained weights yet")
     assert sum(f.stat().st_size for f in files) < 15e6
