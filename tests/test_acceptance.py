@@ -14,18 +14,14 @@ import pytest
 import torch
 
 from typsamp import acceptance, bench, gemma
+from tiny_gemma import random_gemma
 
 TINY = gemma.GemmaConfig(vocab_size=61, n_layer=2, hidden=32, ffn=48, n_head=4, n_kv_head=2, head_dim=8,
                          sliding_window=8, global_every=2, context_length=128)
 
 
 def _tiny(seed: int, scale: float = 0.3) -> gemma.Gemma:
-    torch.manual_seed(seed)
-    model = gemma.Gemma(TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else scale))
-    return model.eval()
+    return random_gemma(TINY, seed, scale)
 
 
 @pytest.fixture(scope="module")

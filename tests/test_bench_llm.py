@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from typsamp import bench, gemma, speculative
+from tiny_gemma import random_gemma
 
 pytest.importorskip("transformers")
 
@@ -29,12 +30,7 @@ SETTINGS = {"tokens": 8, "short": 2, "prompts": 2, "prompt_tokens": 6, "batch": 
 
 
 def _tiny(dtype=torch.float32) -> gemma.Gemma:
-    torch.manual_seed(0)
-    model = gemma.Gemma(TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.2))
-    return model.to(dtype).eval()
+    return random_gemma(TINY).to(dtype)
 
 
 class Trimmed:

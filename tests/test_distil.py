@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from typsamp import distil, gemma, generate, sampling
+from tiny_gemma import TINY, random_gemma
 
-TINY = gemma.GemmaConfig(vocab_size=97, n_layer=4, hidden=32, ffn=48, n_head=4, n_kv_head=2, head_dim=8,
-                         sliding_window=4, global_every=2, context_length=64)
 LAYERS = (0, 3)   # a local and a global layer of TINY, as (0, 17) are of the real model
 KEEP = 60
 RECIPE = distil.Recipe(steps=24, batch_size=4, lr=3e-3, min_lr=3e-4, warmup=4, eval_interval=8, autocast=False)
@@ -28,12 +27,7 @@ RECIPE = distil.Recipe(steps=24, batch_size=4, lr=3e-3, min_lr=3e-4, warmup=4, e
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = gemma.Gemma(TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.2))
-    return model.eval()
+    return random_gemma()
 
 
 @pytest.fixture(scope="module")

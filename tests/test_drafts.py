@@ -18,20 +18,14 @@ import pytest
 import torch
 
 from typsamp import drafts, gemma, generate, sampling
+from tiny_gemma import TINY, random_gemma
 from typsamp.speculative import ExactMatch, RejectionSampling
 
-TINY = gemma.GemmaConfig(vocab_size=97, n_layer=4, hidden=32, ffn=48, n_head=4, n_kv_head=2, head_dim=8,
-                         sliding_window=4, global_every=2, context_length=64)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = gemma.Gemma(TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.2))
-    return model.eval()
+    return random_gemma()
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from typsamp import gemma
+from tiny_gemma import TINY, random_gemma
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,17 +32,9 @@ TINY_ATOL = 1e-5
 
 
 def _hf_config(c: gemma.GemmaConfig):
-    return transformers.Gemma3TextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.ffn,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim, sliding_window=c.sliding_window, rms_norm_eps=c.rms_eps,
-        max_position_embeddings=c.context_length, query_pre_attn_scalar=c.query_pre_attn_scalar,
-        layer_types=["full_attention" if i in c.global_layers else "sliding_attention" for i in range(c.n_layer)],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local},
-                         "full_attention": {"rope_type": "default", "rope_theta": c.rope_global}},
-        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-    )
+    from typsamp import hf
+
+    return hf.gemma3_config(c)
 
 
 def _hf_from_state(config: gemma.GemmaConfig, state: dict):
@@ -57,18 +50,11 @@ def _hf_from_state(config: gemma.GemmaConfig, state: dict):
 # The tiny model: mechanics
 
 
-TINY = gemma.GemmaConfig(vocab_size=97, n_layer=4, hidden=32, ffn=48, n_head=4, n_kv_head=2, head_dim=8,
-                         sliding_window=4, global_every=2, context_length=64)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = gemma.Gemma(TINY)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else 0.2))
-    return model.eval()
+    return random_gemma()
 
 
 def _tiny_tokens(B, T, seed):

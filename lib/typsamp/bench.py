@@ -570,17 +570,7 @@ def hf_gemma(model, kept: torch.Tensor | None = None):
     from typsamp import hf
 
     transformers = hf.transformers
-    c = model.config
-    config = transformers.Gemma3TextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.ffn,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
-        head_dim=c.head_dim, sliding_window=c.sliding_window, rms_norm_eps=c.rms_eps,
-        max_position_embeddings=c.context_length, query_pre_attn_scalar=c.query_pre_attn_scalar,
-        layer_types=["full_attention" if i in c.global_layers else "sliding_attention" for i in range(c.n_layer)],
-        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local},
-                         "full_attention": {"rope_type": "default", "rope_theta": c.rope_global}},
-        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    config = hf.gemma3_config(model.config)
     config._attn_implementation = "sdpa"
     weight = model.model.embed_tokens.weight
     peer = transformers.Gemma3ForCausalLM(config).to(dtype=weight.dtype)

@@ -28,7 +28,8 @@ except ImportError as error:                       # say how to get it, not just
 from typsamp import checks
 from typsamp.model import GPT, GPTConfig
 
-__all__ = ["HFCausalLM", "to_hf", "from_hf", "peer_generate", "ForwardCounter", "auto_tokenizer"]
+__all__ = ["HFCausalLM", "to_hf", "from_hf", "peer_generate", "ForwardCounter", "auto_tokenizer",
+           "gemma3_config"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,3 +255,21 @@ def auto_tokenizer(path, **kwargs):
         raise checks.InputTypeError(f"`path` must be a str or Path, got {type(path).__name__}")
     kwargs.setdefault("local_files_only", True)
     return transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+
+
+def gemma3_config(c) -> transformers.Gemma3TextConfig:
+    """``transformers``' ``Gemma3TextConfig`` for a :class:`typsamp.gemma.GemmaConfig` ``c``:
+    the same shapes, window, layer types, RoPE bases and special tokens, a tied head and no
+    soft-capping, so ``Gemma3ForCausalLM`` loads a :class:`typsamp.gemma.Gemma`'s state dict
+    one-to-one (its ``lm_head`` is the tied embedding)."""
+    return transformers.Gemma3TextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden, intermediate_size=c.ffn,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim, sliding_window=c.sliding_window, rms_norm_eps=c.rms_eps,
+        max_position_embeddings=c.context_length, query_pre_attn_scalar=c.query_pre_attn_scalar,
+        layer_types=["full_attention" if i in c.global_layers else "sliding_attention" for i in range(c.n_layer)],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local},
+                         "full_attention": {"rope_type": "default", "rope_theta": c.rope_global}},
+        final_logit_softcapping=None, attn_logit_softcapping=None, tie_word_embeddings=True,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+    )
