@@ -428,7 +428,7 @@ class TreeOracle:
         self.parents = parents
         self.vocab_size = model.config.vocab_size
         self.g = torch.Generator().manual_seed(seed)
-        up = parents.tolist()
+        up = parents.tolist() if parents is not None else list(range(-1, N - 1))
         children = {i for i in up if i >= 0}
         self.paths = []
         for leaf in (i for i in range(len(up)) if i not in children):
@@ -479,7 +479,7 @@ class GreedyTree(Rule):
 
     def kernel(self, draft_tokens, draft_probs, target_probs, generator, parents=None):
         B, N = draft_tokens.shape
-        up = parents.tolist()
+        up = parents.tolist() if parents is not None else list(range(-1, N - 1))
         depth = [0] * N
         for i, p in enumerate(up):
             depth[i] = 1 if p < 0 else depth[p] + 1
@@ -582,10 +582,82 @@ def test_no_pass_skips_a_cached_position(pair):
     generate.speculative(target, TreeOracle(pair[0]), rows, 20, rule=GreedyTree(), warp=GREEDY)
 
 
+@dataclass(frozen=True)
+class ChainOnly(GreedyTree):
+    name = "chain_only"
+    supports_tree = False
+
+
 def test_a_tree_needs_a_rule_that_verifies_trees(pair):
     target, _ = pair
-    with pytest.raises(ValueError, match="tree of 9 candidates.*'rejection' does not verify trees"):
-        generate.speculative(target, TreeOracle(target), prompts(2, 3), 10, warp=GREEDY)
+    with pytest.raises(ValueError, match="tree of 9 candidates.*'chain_only' does not verify trees"):
+        generate.speculative(target, TreeOracle(target), prompts(2, 3), 10, rule=ChainOnly(), warp=GREEDY)
+
+
+# --- the hidden-state hook (proposers that read the target's states: Medusa's heads) ----------
+
+
+class HiddenProbe(TreeOracle):
+    """A tree proposer that reads the target's hidden states and checks, at every step, that
+    the state it was handed for each row is the target's final-normed state at position
+    n - 2 of the committed text (the one whose distribution gave the newest token)."""
+
+    needs_hidden = True
+
+    def __init__(self, model, parents=TREE, seed=0):
+        super().__init__(model, parents, seed)
+        self.state = None
+        self.calls = self.checked = 0
+
+    def observe(self, hidden, end):
+        assert hidden.dim() == 3 and end.shape == (hidden.shape[0],) and end.dtype == torch.long
+        rows = torch.arange(hidden.shape[0])
+        self.state = torch.where((end >= 0)[:, None], hidden[rows, end.clamp(min=0)], float("nan"))
+        self.calls += 1
+
+    def start(self, prompt, prompt_lengths, *, max_new_tokens, gamma, warp):
+        # a row parked at its last position (done, riding along) computes nothing that is read
+        self.parked = prompt_lengths + max_new_tokens - 1
+
+    def propose(self, seq, n, top, generator):
+        if self.state is not None:
+            for b in range(seq.shape[0]):
+                if int(n[b]) >= int(self.parked[b]):
+                    continue
+                if int(n[b]) < 2:
+                    assert torch.isnan(self.state[b]).all()
+                    continue
+                with torch.inference_mode(False), torch.no_grad():
+                    h = self.model(seq[b, :int(n[b]) - 1][None], head=None)[0, -1]
+                assert (self.state[b] - h).abs().max() <= 1e-4, (b, int(n[b]))
+                self.checked += 1
+        return super().propose(seq, n, top, generator)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_target():
+    from tests.tiny_gemma import random_gemma
+    return random_gemma(seed=3, scale=0.5)
+
+
+@pytest.mark.parametrize("tree_shape", ["tree", "chain"])
+def test_a_proposer_that_needs_hidden_states_gets_the_right_ones(tiny_gemma_target, tree_shape):
+    target = tiny_gemma_target
+    parents = TREE if tree_shape == "tree" else torch.arange(-1, 3)
+    probe = HiddenProbe(target, parents)
+    rows = [torch.tensor(r) for r in ([5, 9, 2, 7], [11], [3, 8, 1, 4, 6, 2])]
+    out = generate.speculative(target, probe, rows, 12, rule=GreedyTree(), warp=GREEDY)
+    reference = generate.autoregressive(target, rows, 12, warp=GREEDY)
+    assert torch.equal(out.tokens, reference.tokens)
+    assert probe.calls == out.steps + 1                  # after the prefill and every verify
+    assert probe.checked >= 2 * out.steps                # rows with n >= 2 at every step
+    assert (out.accepted_lengths >= 1).any()
+
+
+def test_a_proposer_that_needs_hidden_states_needs_a_target_that_returns_them(pair):
+    target, _ = pair                                     # the book's GPT returns no hidden states
+    with pytest.raises(ValueError, match="reads the target's hidden states.*GPT does not return them"):
+        generate.speculative(target, HiddenProbe(target), prompts(2, 3), 5, rule=GreedyTree(), warp=GREEDY)
 
 
 def test_tree_layout_from_parents():

@@ -347,6 +347,9 @@ class Gemma(nn.Module):
     Parameter names are ``transformers``' ``Gemma3ForCausalLM``'s (without ``lm_head``, which
     is the embedding), so the state dict moves between the two one-to-one."""
 
+    #: ``forward(..., return_hidden=True)`` also returns the final-normed hidden states.
+    returns_hidden = True
+
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
@@ -396,7 +399,8 @@ class Gemma(nn.Module):
     def forward(self, tokens: torch.Tensor, offsets: torch.Tensor | None = None, *,
                 span: int | None = None, depths: torch.Tensor | None = None,
                 ancestors: torch.Tensor | None = None,
-                head: torch.Tensor | None | bool = True) -> torch.Tensor:
+                head: torch.Tensor | None | bool = True,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] for ``tokens`` [B, T]; the cache semantics (``offsets``, ``span``)
         and tree passes (``depths`` int64 [T], ``ancestors`` bool [T, T]) are
         :meth:`typsamp.model.GPT.forward`'s. In a tree pass the sliding window counts
@@ -405,7 +409,11 @@ class Gemma(nn.Module):
         ``head``: True (default) applies the tied head (logits over the whole vocabulary);
         None returns the final-normed hidden states [B, T, hidden] instead (for drafts and
         heads of one's own); a tensor [K, hidden] is used as the head, giving [B, T, K]
-        (a trimmed head: rows of the embedding for K kept tokens)."""
+        (a trimmed head: rows of the embedding for K kept tokens).
+
+        ``return_hidden=True`` returns ``(logits, hidden)``: the head's output and the
+        final-normed hidden states [B, T, hidden] it was computed from (what Medusa's heads
+        read; :mod:`typsamp.generate` asks for it when a proposer ``needs_hidden``)."""
         if not (head is True or head is None or isinstance(head, torch.Tensor)):
             raise TypeError(f"`head` must be True, None or a tensor [K, hidden], got {head!r}")
         if isinstance(head, torch.Tensor) and (head.dim() != 2 or head.shape[1] != self.config.hidden):
@@ -471,9 +479,10 @@ class Gemma(nn.Module):
             if cache is not None:
                 cache.lengths.copy_(slots[:, -1] + 1)
             if head is None:
-                return x
+                return (x, x) if return_hidden else x
             rows = weight if head is True else head
-            return _head(x.reshape(B * T, c.hidden), rows, pack=head is True).view(B, T, rows.shape[0])
+            logits = _head(x.reshape(B * T, c.hidden), rows, pack=head is True).view(B, T, rows.shape[0])
+            return (logits, x) if return_hidden else logits
 
 
 # ---------------------------------------------------------------------------------------

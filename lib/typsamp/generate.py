@@ -69,15 +69,24 @@ check=)``; :class:`typsamp.model.GPT` documents both. Chains use neither.
   host int ``max(n)``; ``generator`` as the loop's;
 * ``commit(n) -> None``: row b now holds ``n[b]`` committed tokens (roll back state).
 
-A proposer that needs the target's hidden states (Medusa's heads) will receive them
-through one more optional hook; that hook is not built yet.
+A proposer that reads the target's hidden states (Medusa's heads) sets
+``needs_hidden = True`` and implements ``observe(hidden [B, T, H], end [B]) -> None``; the
+target must then have ``returns_hidden = True`` and return ``(logits, hidden)`` from
+``__call__(..., return_hidden=True)`` (:class:`typsamp.gemma.Gemma` does), the final-normed
+states its head reads. The engine calls ``observe`` after the prefill (the prefill's states,
+``end = prompt_lengths - 2``; -1 for rows of a one-token prompt; no call when every prompt
+has one token) and after every verify (the scored pass's states, index 0 the last committed
+token and 1 + i candidate i; ``end`` the index of the last accepted candidate, 0 when none
+was). ``hidden[b, end[b]]`` is the state whose distribution gave row b's newest committed
+token, so a head that predicts k tokens past it proposes the candidate at depth k; ``end =
+-1`` means there is no such state yet.
 
 **Tree rules** (``rule.supports_tree``) are called as ``rule.kernel(tokens [B, N], q,
 p [B, N+1, V], generator, parents=parents)`` and return a verdict whose ``tokens``
 [B, D+1] and ``accepted`` [B] read as for a chain (accepted path, then the rule's
 extra token, then -1) and whose ``path`` int64 [B, D] names the accepted nodes in order
-(-1 padding); D is the tree's depth. No shipped rule supports trees yet: a tree
-proposal with such a rule is refused with a ``ValueError``.
+(-1 padding); D is the tree's depth. A tree proposal with a rule whose
+``supports_tree`` is False is refused with a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -617,6 +626,10 @@ def speculative(target, proposer_or_draft, prompt, max_new_tokens: int, *, gamma
     """
     rule = _check_rule(rule)
     proposer = _proposer(proposer_or_draft, rule)
+    hidden = bool(getattr(proposer, "needs_hidden", False))
+    if hidden and not getattr(target, "returns_hidden", False):
+        raise ValueError(f"the proposer {type(proposer).__name__} reads the target's hidden states, but the "
+                         f"target {type(target).__name__} does not return them (no `returns_hidden`)")
     warp = _check_warp(warp)
     prompt, prompt_lengths, ragged = _prompt(prompt)
     max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
@@ -652,7 +665,12 @@ def speculative(target, proposer_or_draft, prompt, max_new_tokens: int, *, gamma
         proposer.start(prompt, prompt_lengths, max_new_tokens=max_new_tokens, gamma=gamma, warp=warp)
         target.setup_cache(B, needed)
         if P > 1:                                          # prefill: the target sees 0 .. P-2
-            target(prompt[:, :-1], torch.zeros(B, dtype=torch.long, device=device), span=P - 1)
+            zeros = torch.zeros(B, dtype=torch.long, device=device)
+            if hidden:
+                _, states = target(prompt[:, :-1], zeros, span=P - 1, return_hidden=True)
+                proposer.observe(states, prompt_lengths - 2)
+            else:
+                target(prompt[:, :-1], zeros, span=P - 1)
             target_passes += 1
             if ragged:
                 target.cache.rollback(prompt_lengths - 1, check=False)
@@ -685,11 +703,11 @@ def speculative(target, proposer_or_draft, prompt, max_new_tokens: int, *, gamma
             # 2. score: one target pass over the last committed token and the candidates
             last = seq.gather(1, (n_work - 1)[:, None])
             fed = torch.cat([last, x], dim=1)
-            if layout.chain:
-                logits = target(fed, n_work - 1, span=top + x.shape[1])
+            tree_args = {} if layout.chain else {"depths": layout.depths, "ancestors": layout.ancestors}
+            if hidden:
+                logits, states = target(fed, n_work - 1, span=top + x.shape[1], return_hidden=True, **tree_args)
             else:
-                logits = target(fed, n_work - 1, span=top + x.shape[1], depths=layout.depths,
-                                ancestors=layout.ancestors)
+                logits = target(fed, n_work - 1, span=top + x.shape[1], **tree_args)
             target_passes += 1
             ok_target = _finite(logits)
             p = warp(logits)
@@ -713,7 +731,12 @@ def speculative(target, proposer_or_draft, prompt, max_new_tokens: int, *, gamma
             seq.scatter_(1, index, torch.where(keep, verdict.tokens, seq.gather(1, index)))
             accepted_lengths.append(torch.where(active, a, -1))
             if not layout.chain:
-                extra_codes.append(_tree_commit(target, layout, verdict, a, active, n_work, positions))
+                code, end = _tree_commit(target, layout, verdict, a, active, n_work, positions)
+                extra_codes.append(code)
+            else:
+                end = a
+            if hidden:
+                proposer.observe(states, end)
             n = torch.where(active, n + emitted, n)
             active = (n - prompt_lengths) < max_new_tokens
             if eos is not None:
@@ -773,7 +796,8 @@ def _layout(proposal: Proposal, rule, B: int, V: int | None, N: int) -> Tree:
 
 def _tree_commit(target, layout: Tree, verdict, a, active, n_work, positions) -> torch.Tensor:
     """Move the accepted path's keys and values next to the committed prefix; return the
-    origin code of each row's extra token (3 when the path ended at a leaf)."""
+    origin code of each row's extra token (3 when the path ended at a leaf) and the index
+    (into the scored pass, 0 the last committed token) of the path's last node."""
     path = verdict.path                                      # [B, D], -1 padding
     k = positions[:-1]
     move = (k < a[:, None]) & active[:, None]
@@ -781,4 +805,4 @@ def _tree_commit(target, layout: Tree, verdict, a, active, n_work, positions) ->
     source = torch.where(move, n_work[:, None] + path.clamp(min=0), dest)
     target.cache.compact(source, n_work, n_work + a, check=False)
     end = torch.where(a > 0, path.gather(1, (a - 1).clamp(min=0)[:, None]).squeeze(1) + 1, 0)
-    return torch.where(layout.leaf[end], 3, 2)
+    return torch.where(layout.leaf[end], 3, 2), end

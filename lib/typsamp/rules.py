@@ -42,10 +42,15 @@ class Verdict:
             drafts were accepted), then -1 padding.
         accepted: int64 [B], how many drafts were accepted, 0..γ. Row b emits
             ``accepted[b] + 1`` tokens.
+        path: int64 [B, D] for a verdict on a tree of depth D: the accepted candidates'
+            indices (0-based, into the proposal's N candidates) from the root down, -1
+            padding; ``tokens`` is then [B, D+1] and reads as for a chain. ``None`` for a
+            chain, whose accepted candidates are simply the first ``accepted``.
     """
 
     tokens: torch.Tensor
     accepted: torch.Tensor
+    path: torch.Tensor | None = None
 
     @property
     def emitted(self) -> torch.Tensor:
@@ -153,7 +158,8 @@ class Rule:
             ``f"{name}_greedy"`` after how the drafts were made.
         needs_draft_probs: True when the rule reads the draft distributions q (the engine
             then samples drafts from q and passes q); False when token ids suffice.
-        supports_tree: True when the rule can verify a tree of candidates (none can yet).
+        supports_tree: True when the rule can verify a tree of candidates: its kernel then
+            takes ``parents=`` and returns a verdict with ``path`` (see :mod:`typsamp.generate`).
     """
 
     name: ClassVar[str] = ""
