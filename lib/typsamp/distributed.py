@@ -1,0 +1,1053 @@
+"""Draft and target in two processes: speculative decoding over ``torch.distributed`` (chapter 7).
+
+Rank 0 holds the draft, rank 1 the target; they talk through ``torch.distributed``
+point-to-point messages (gloo on the CPU; NCCL where each rank has a GPU) and say
+exactly what each rule's protocol of :mod:`typsamp.transfer` needs, nothing more. The
+names are :data:`typsamp.transfer.RULES`:
+
+==================================  ====================  ==========================================
+protocol                            rule (drafts)         what travels, per step and row
+==================================  ====================  ==========================================
+``rejection_sampled``               rejection (sampled)   up: γ ids + γ rows of q; down: a, token
+``rejection_sampled_two_round``     rejection (sampled)   up: γ ids + γ values q_i(x_i); down: a;
+                                                          after a rejection up: q at it; down: token
+``rejection_sampled_return_p``      rejection (sampled)   up: γ ids + γ values q_i(x_i) (+ the last
+                                                          step's residual token); down: a, then the
+                                                          bonus token, or p at the rejection (the
+                                                          draft draws the residual itself)
+``rejection_greedy``                rejection (greedy)    ids only: up γ ids; down a, token
+``match_sampled``                   exact match (sampled) ids only
+``typical_greedy``                  typical (greedy)      ids only
+==================================  ====================  ==========================================
+
+Ids are int32, probabilities travel in the dtype the rule computes in (float32 unless a
+model runs in float64), so the bytes per step are exactly :func:`typsamp.transfer.payload`'s
+(the loop counts them; :func:`step_bytes` gives the count for one step's outcome).
+
+**Same tokens as one process.** Both ranks keep the engine's bookkeeping
+(:func:`typsamp.generate.speculative`: the committed text, the rows' lengths, end tokens,
+cache rollbacks) and hold one copy each of the same random generator (``seed`` an int
+or a list of row seeds). Every random draw of the one-process engine happens on both
+ranks in the same order: the rank that needs a number uses it, the other draws the same
+shape and throws it away (the draft replays the rule's draws by running the rule on a
+one-token vocabulary, whose draws have the same shapes; the target replays the draft's
+γ draws of one uniform per row). So with the same seed the two-process loop emits
+*the same tokens* as the one-process engine, at every temperature, which
+``tests/test_distributed.py`` checks token for token. With ``seed=None`` each process uses
+its own global generator: the law is the engine's, the tokens are not.
+
+**Links.** :class:`Pair` starts the two processes, on loopback or in two network
+namespaces joined by a veth pair (:class:`NetnsLink`, root only) whose bandwidth the
+kernel shapes (``tc`` ``tbf``); a one-way delay is added by ``netem`` where the kernel
+has it, otherwise by the transport step itself (:class:`Wire`: it waits the delay before
+the first message of each one-way leg, busy-waiting the last 0.2 ms, and records the
+delay it actually waited). ``python -m typsamp.distributed bench`` measures every
+protocol on every link with the real pair of chapter 9 and writes
+``notebooks/results/distributed_bench.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import queue as _queue
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from typsamp import checks, generate, rules, sampling, transfer
+from typsamp.speculative import ExactMatch, RejectionSampling, expected_tokens
+from typsamp.typical import TypicalAcceptance
+
+__all__ = ["PROTOCOLS", "Protocol", "protocol", "Wire", "Traffic", "DistributedGeneration", "Pair",
+           "NetnsLink", "LinkSpec", "LINKS", "step_bytes", "netem_available", "can_make_namespaces", "bench",
+           "main"]
+
+ID = torch.int32
+ID_BYTES = transfer.ID_BYTES
+
+
+# ---------------------------------------------------------------------------------------
+# Protocols
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One way of running a rule across the two ranks.
+
+    Attributes:
+        name: a name of :data:`typsamp.transfer.RULES`.
+        rule: the verification rule the target applies (the one-process engine's).
+        greedy: the draft's drafts are greedy (``DraftModel(greedy=True)``).
+        wire: ``"q"`` (all of q travels), ``"two_round"``, ``"return_p"`` or ``"ids"``.
+    """
+
+    name: str
+    rule: rules.Rule
+    greedy: bool
+    wire: str
+
+    def draft_model(self, model) -> generate.DraftModel:
+        """The proposer the one-process engine uses for this protocol."""
+        return generate.DraftModel(model, greedy=self.greedy)
+
+
+#: Every protocol, by :data:`typsamp.transfer.RULES` name.
+PROTOCOLS = {
+    "rejection_sampled": Protocol("rejection_sampled", RejectionSampling(), False, "q"),
+    "rejection_sampled_two_round": Protocol("rejection_sampled_two_round", RejectionSampling(), False, "two_round"),
+    "rejection_sampled_return_p": Protocol("rejection_sampled_return_p", RejectionSampling(), False, "return_p"),
+    "rejection_greedy": Protocol("rejection_greedy", RejectionSampling(), True, "ids"),
+    "match_sampled": Protocol("match_sampled", ExactMatch(), False, "ids"),
+    "typical_greedy": Protocol("typical_greedy", TypicalAcceptance(), True, "ids"),
+}
+assert tuple(PROTOCOLS) == transfer.RULES
+
+
+def protocol(name, typical: TypicalAcceptance | None = None) -> Protocol:
+    """The :class:`Protocol` called ``name``; ``typical`` replaces the default
+    ``TypicalAcceptance()`` of ``"typical_greedy"`` (ε, δ, extra)."""
+    if isinstance(name, Protocol):
+        return name
+    if not isinstance(name, str):
+        raise checks.InputTypeError(f"`protocol` must be a string, got {type(name).__name__}")
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    found = PROTOCOLS[name]
+    if typical is not None:
+        if not isinstance(typical, TypicalAcceptance):
+            raise checks.InputTypeError(f"`typical` must be a TypicalAcceptance, got {type(typical).__name__}")
+        if name != "typical_greedy":
+            raise ValueError("`typical` only applies to the 'typical_greedy' protocol")
+        found = Protocol(name, typical, True, "ids")
+    return found
+
+
+def step_bytes(name: str, B: int, gamma: int, V: int, rejected: int, *, pending: int = 0,
+               value_bytes: int = 4) -> tuple[int, int, int]:
+    """(up, down, legs) of one step on the wire, given its outcome.
+
+    ``rejected`` rows of ``B`` rejected a draft this step; ``pending`` rows had their
+    residual token drawn by the draft in the previous step (``return_p`` only: it travels
+    with this step's drafts). ``legs`` counts one-way legs (a direction change), which is
+    what pays the latency; messages sent back to back in one direction share a leg.
+    """
+    i, d = ID_BYTES, value_bytes
+    wire = protocol(name).wire
+    if wire == "q":
+        return B * gamma * (i + V * d), 2 * B * i, 2
+    if wire == "ids":
+        return B * gamma * i, 2 * B * i, 2
+    if wire == "two_round":
+        return B * gamma * (i + d) + rejected * V * d, 2 * B * i, 2 + 2 * (rejected > 0)
+    return pending * i + B * gamma * (i + d), (2 * B - rejected) * i + rejected * V * d, 2
+
+
+# ---------------------------------------------------------------------------------------
+# The wire: counted, optionally delayed, point-to-point messages
+
+
+@dataclass
+class Traffic:
+    """What one rank sent and received during one generation (counted by :class:`Wire`).
+
+    ``steps`` holds, per decoding step, ``[bytes sent, bytes received, legs]`` where a leg
+    is a run of messages in one direction (each leg pays the link's latency once).
+    """
+
+    sent: int = 0
+    received: int = 0
+    legs: int = 0
+    messages: int = 0
+    seconds: float = 0.0          # time inside send/recv (waiting for the peer included)
+    delay: float = 0.0            # delay the transport step added (measured)
+    steps: list = field(default_factory=list)
+
+
+class Wire:
+    """Point-to-point messages to one peer through ``torch.distributed``, counted.
+
+    ``delay`` seconds are waited before the first message of every one-way leg this rank
+    sends (the emulated one-way latency, for links whose kernel has no ``netem``); the
+    last 0.2 ms of each wait are a busy loop so that sub-millisecond delays are kept.
+    ``device``: where received tensors are put (the CPU for gloo).
+    """
+
+    def __init__(self, peer: int, delay: float = 0.0, device: torch.device | str = "cpu"):
+        self.peer, self.delay, self.device = peer, float(delay), torch.device(device)
+        self.traffic = Traffic()
+        self._sending = False
+        self._step = [0, 0, 0]
+
+    def reset(self) -> Traffic:
+        done, self.traffic, self._step, self._sending = self.traffic, Traffic(), [0, 0, 0], False
+        return done
+
+    def end_step(self) -> None:
+        self.traffic.steps.append(self._step)
+        self._step = [0, 0, 0]
+
+    def _wait(self) -> None:
+        if self.delay <= 0:
+            return
+        start = time.perf_counter()
+        until = start + self.delay
+        if self.delay > 3e-4:
+            time.sleep(self.delay - 2e-4)
+        while time.perf_counter() < until:
+            pass
+        self.traffic.delay += time.perf_counter() - start
+
+    def send(self, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        if not self._sending:
+            self._sending = True
+            self.traffic.legs += 1
+            self._step[2] += 1
+            self._wait()
+        tensor = tensor.contiguous()
+        dist.send(tensor, dst=self.peer)
+        n = tensor.numel() * tensor.element_size()
+        self.traffic.sent += n
+        self.traffic.messages += 1
+        self._step[0] += n
+        self.traffic.seconds += time.perf_counter() - start
+
+    def recv(self, shape, dtype) -> torch.Tensor:
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        if self._sending:
+            self._sending = False
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        if out.numel():
+            dist.recv(out, src=self.peer)
+        n = out.numel() * out.element_size()
+        self.traffic.received += n
+        self._step[1] += n
+        self.traffic.seconds += time.perf_counter() - start
+        return out
+
+    def count_leg_received(self) -> None:
+        """Count a leg that the peer sent (rank 0 keeps the per-step leg count of both)."""
+        self._step[2] += 1
+
+
+def _as_int(values: torch.Tensor) -> torch.Tensor:
+    """Floating values as int32 words of the same bits (ids and values in one message)."""
+    return values.contiguous().view(ID) if values.element_size() == 4 else values.contiguous().view(torch.int64).view(ID)
+
+
+def _from_int(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return words.contiguous().view(dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The bookkeeping both ranks keep (generate.speculative's, step 4 without the caches)
+
+
+class _Book:
+    def __init__(self, prompt, prompt_lengths, max_new_tokens, gamma, eos):
+        B, P = prompt.shape
+        device = prompt.device
+        self.B, self.gamma, self.eos = B, gamma, eos
+        self.prompt_lengths, self.max_new_tokens = prompt_lengths, max_new_tokens
+        self.seq = torch.zeros(B, P + max_new_tokens + gamma, dtype=torch.long, device=device)
+        self.seq[:, :P] = prompt
+        self.n = prompt_lengths.clone()
+        self.last_row = prompt_lengths + (max_new_tokens - 1)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.active = torch.ones(B, dtype=torch.bool, device=device)
+        self.n_work = self.n
+        self.positions = torch.arange(gamma + 1, device=device)
+        self.accepted_lengths = []
+
+    def sync(self) -> tuple[int, int]:
+        top, live = torch.stack([self.n_work.max(), self.active.sum()]).tolist()
+        return top, live
+
+    def commit(self, tokens: torch.Tensor, a: torch.Tensor) -> None:
+        positions, active = self.positions, self.active
+        emitted = a + 1
+        if self.eos is not None:
+            hit = torch.isin(tokens, self.eos) & (positions <= a[:, None])
+            ended = hit.any(dim=1)
+            emitted = torch.where(ended, hit.byte().argmax(dim=1) + 1, emitted)
+            self.finished = self.finished | (ended & active)
+        keep = (positions < emitted[:, None]) & active[:, None]
+        index = self.n_work[:, None] + positions
+        self.seq.scatter_(1, index, torch.where(keep, tokens, self.seq.gather(1, index)))
+        self.accepted_lengths.append(torch.where(active, a, -1))
+        self.n = torch.where(active, self.n + emitted, self.n)
+        self.active = (self.n - self.prompt_lengths) < self.max_new_tokens
+        if self.eos is not None:
+            self.active = self.active & ~self.finished
+        self.n_work = torch.minimum(self.n, self.last_row)
+
+    def generation(self, target_passes: int, draft_passes: int, wall: float) -> generate.Generation:
+        B, gamma, max_new = self.B, self.gamma, self.max_new_tokens
+        steps = torch.stack(self.accepted_lengths).cpu() if self.accepted_lengths else torch.zeros(0, B, dtype=torch.long)
+        live = steps >= 0
+        column = torch.arange(max_new, device=self.seq.device)
+        lengths = (self.n - self.prompt_lengths).clamp(max=max_new)
+        tokens = self.seq.gather(1, (self.prompt_lengths[:, None] + column).clamp(max=self.seq.shape[1] - 1))
+        tokens = tokens.masked_fill(column >= lengths[:, None], -1)
+        codes = torch.where(steps == gamma, 3, 2)
+        origin = generate._origin(steps, codes, max_new, lengths).to(self.seq.device)
+        return generate.Generation(tokens=tokens, lengths=lengths, origin=origin, steps=len(self.accepted_lengths),
+                                   target_passes=target_passes, draft_passes=draft_passes,
+                                   drafted=gamma * int(live.sum()), accepted=int(steps[live].sum()), gamma=gamma,
+                                   accepted_lengths=steps, wall_time=wall)
+
+
+def _replay_draft_draws(gamma: int, B: int, generator, device) -> None:
+    """The random numbers a sampled :class:`typsamp.generate.DraftModel` draws in one
+    propose: one uniform per row for each of its γ drafts (``sample_weights`` on [B, V])."""
+    ones = torch.ones(B, 1, dtype=torch.float64, device=device)
+    for _ in range(gamma):
+        sampling.sample_weights(ones, generator)
+
+
+def _replay_rule_draws(rule, B: int, gamma: int, dtype, sampled: bool, generator, device) -> None:
+    """The rule's random draws of one step, by running it on a one-token vocabulary: every
+    shipped rule draws shapes [B, ...] that do not depend on V."""
+    x = torch.zeros(B, gamma, dtype=torch.long, device=device)
+    q = torch.ones(B, gamma, 1, dtype=dtype, device=device) if sampled else None
+    rule.kernel(x, q, torch.ones(B, gamma + 1, 1, dtype=dtype, device=device), generator)
+
+
+def _model_dtype(model) -> torch.dtype:
+    """The dtype a model's probabilities are computed in (float64 models: float64)."""
+    for owner in (model, getattr(model, "model", None)):
+        params = getattr(owner, "parameters", None)
+        if callable(params):
+            for p in params():
+                return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
+_DTYPES = {0: torch.float32, 1: torch.float64}
+
+
+def _dtype_code(dtype) -> int:
+    return 1 if dtype == torch.float64 else 0
+
+
+def _not_finite(model: str, step: int) -> ValueError:
+    return generate._not_finite(model, step)
+
+
+# ---------------------------------------------------------------------------------------
+# Rank 0: the draft
+
+
+def _draft_loop(wire: Wire, draft, job: dict, V: int, p_dtype) -> dict:
+    spec = protocol(job["protocol"], job.get("typical"))
+    prompt, prompt_lengths = job["prompt"], job["prompt_lengths"]
+    gamma, max_new, warp = job["gamma"], job["max_new_tokens"], job["warp"]
+    eos = generate._eos(job["eos_token_id"], V, prompt.device)
+    B = prompt.shape[0]
+    generator = generate._generator(job["seed"], B, prompt.device)
+    proposer = spec.draft_model(draft)
+    sampled = not spec.greedy
+    start = time.perf_counter()
+    compute = 0.0
+    with torch.inference_mode():
+        proposer.start(prompt, prompt_lengths, max_new_tokens=max_new, gamma=gamma, warp=warp)
+        prefill = time.perf_counter() - start
+        book = _Book(prompt, prompt_lengths, max_new, gamma, eos)
+        pending = None                                   # return_p: (rows, tokens) drawn last step
+        decode_start = time.perf_counter()
+        step = 0
+        while True:
+            top, live = book.sync()
+            if not live:
+                break
+            step += 1
+            t = time.perf_counter()
+            proposal = proposer.propose(book.seq, book.n_work, top, generator)
+            x, q = proposal.tokens, proposal.q
+            fine = bool(proposal.finite) if proposal.finite is not None else True
+            ids = x.to(ID)
+            if not fine:
+                ids[0, 0] = -1                           # tells the target to stop with the same error
+            if spec.wire in ("two_round", "return_p"):
+                qn = rules.normalised(q, p_dtype)
+                q_x = qn.gather(-1, x[..., None]).squeeze(-1)
+            compute += time.perf_counter() - t
+            # up
+            if pending is not None:
+                wire.send(pending[1].to(ID))
+                pending = None
+            if spec.wire == "q":
+                wire.send(ids)
+                if fine:
+                    wire.send(q)
+            elif spec.wire == "ids":
+                wire.send(ids)
+            else:
+                wire.send(torch.cat([ids.flatten(), _as_int(q_x.to(p_dtype)).flatten()]))
+            if not fine:
+                raise _not_finite("draft", step)
+            # down
+            wire.count_leg_received()
+            a = wire.recv((B,), ID).long()
+            if int(a.min()) < 0:
+                raise _not_finite("target", step)
+            rejected = a < gamma
+            t = time.perf_counter()
+            if spec.wire in ("q", "ids"):
+                extra = wire.recv((B,), ID).long()
+                _replay_rule_draws(spec.rule, B, gamma, p_dtype, sampled, generator, prompt.device)
+            elif spec.wire == "two_round":
+                k = int(rejected.sum())
+                if k:
+                    rows = rejected.nonzero().squeeze(1)
+                    wire.send(qn[rows, a[rows]])
+                    wire.count_leg_received()
+                extra = wire.recv((B,), ID).long()
+                _replay_rule_draws(spec.rule, B, gamma, p_dtype, sampled, generator, prompt.device)
+            else:                                        # return_p
+                k = int(rejected.sum())
+                extra = torch.full((B,), -1, dtype=torch.long, device=prompt.device)
+                kept = (~rejected).nonzero().squeeze(1)
+                rows = rejected.nonzero().squeeze(1)
+                if B - k:
+                    extra[kept] = wire.recv((B - k,), ID).long()
+                p_rows = _from_int(wire.recv((k * V * p_dtype.itemsize // 4,), ID), p_dtype).view(k, V) if k else None
+                sampling.uniform((B, gamma), dtype=p_dtype, device=prompt.device, generator=generator)
+                weights = torch.ones(B, V if k else 1, dtype=p_dtype, device=prompt.device)
+                if k:
+                    p_n = p_rows
+                    q_n = qn[rows, a[rows]]
+                    residual = (p_n - q_n).clamp(min=0)
+                    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+                    weights[rows] = residual
+                drawn = sampling.sample_weights(weights, generator)
+                if k:
+                    extra[rows] = drawn[rows]
+                    pending = (rows, drawn[rows])
+            tokens = rules.emit(x, a, extra).tokens
+            book.commit(tokens, a)
+            proposer.commit(book.n_work)
+            compute += time.perf_counter() - t
+            wire.end_step()
+        if pending is not None:                          # the last residual tokens, for the target's text
+            wire.send(pending[1].to(ID))
+            wire.end_step()
+    end = time.perf_counter()
+    out = book.generation(0, proposer.passes, end - start)
+    return {"generation": out, "compute": compute, "prefill_compute": prefill, "decode_seconds": end - decode_start,
+            "prefill_seconds": decode_start - start}
+
+
+# ---------------------------------------------------------------------------------------
+# Rank 1: the target
+
+
+def _target_loop(wire: Wire, target, job: dict, V: int, p_dtype) -> dict:
+    spec = protocol(job["protocol"], job.get("typical"))
+    prompt, prompt_lengths = job["prompt"], job["prompt_lengths"]
+    gamma, max_new, warp = job["gamma"], job["max_new_tokens"], job["warp"]
+    eos = generate._eos(job["eos_token_id"], V, prompt.device)
+    B, P = prompt.shape
+    device = prompt.device
+    generator = generate._generator(job["seed"], B, device)
+    sampled = not spec.greedy
+    ragged = bool((prompt_lengths != P).any())
+    needed = P + max_new + gamma - 1
+    compute = 0.0
+    passes = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        target.setup_cache(B, needed)
+        if P > 1:
+            target(prompt[:, :-1], torch.zeros(B, dtype=torch.long, device=device), span=P - 1)
+            passes += 1
+            if ragged:
+                target.cache.rollback(prompt_lengths - 1, check=False)
+        prefill = time.perf_counter() - start
+        book = _Book(prompt, prompt_lengths, max_new, gamma, eos)
+        pending = None                                   # return_p: (a, kept-row tokens, rejected rows)
+        step = 0
+        while True:
+            if pending is not None:                      # return_p: the draft's residual tokens arrive first
+                a, extra, rows = pending
+                extra[rows] = wire.recv((rows.numel(),), ID).long()
+                t = time.perf_counter()
+                book.commit(rules.emit(x, a, extra).tokens, a)
+                target.cache.rollback(book.n_work - 1, check=False)
+                compute += time.perf_counter() - t
+                pending = None
+            top, live = book.sync()
+            if not live:
+                break
+            step += 1
+            if spec.wire in ("two_round", "return_p"):
+                words = wire.recv((B * gamma * (1 + p_dtype.itemsize // 4),), ID)
+                ids = words[:B * gamma].view(B, gamma)
+                q_x = _from_int(words[B * gamma:], p_dtype).view(B, gamma)
+                q = None
+            else:
+                ids = wire.recv((B, gamma), ID)
+                q = None
+            if int(ids.min()) < 0:
+                raise _not_finite("draft", step)
+            if spec.wire == "q":
+                q = wire.recv((B, gamma, V), _DTYPES[job["q_dtype"]])
+            t = time.perf_counter()
+            x = ids.long()
+            last = book.seq.gather(1, (book.n_work - 1)[:, None])
+            logits = target(torch.cat([last, x], dim=1), book.n_work - 1, span=top + gamma)
+            passes += 1
+            fine = bool(generate._finite(logits))
+            p = warp(logits)
+            if sampled:
+                _replay_draft_draws(gamma, B, generator, device)
+            compute += time.perf_counter() - t
+            if not fine:
+                wire.send(torch.full((B,), -1, dtype=ID))
+                raise _not_finite("target", step)
+            if spec.wire in ("q", "ids"):
+                t = time.perf_counter()
+                verdict = spec.rule.kernel(x, q, p, generator)
+                compute += time.perf_counter() - t
+                a, extra = verdict.accepted, verdict.tokens.gather(1, verdict.accepted[:, None]).squeeze(1)
+                wire.send(a.to(ID))
+                wire.send(extra.to(ID))
+            else:
+                t = time.perf_counter()
+                pn = rules.normalised(p, p_dtype)
+                p_x = pn[:, :gamma].gather(-1, x[..., None]).squeeze(-1)
+                u = sampling.uniform((B, gamma), dtype=p_dtype, device=device, generator=generator)
+                a = rules.accepted_prefix(u * q_x < p_x)
+                rows_b = torch.arange(B, device=device)
+                p_n = pn[rows_b, a]
+                rejected = a < gamma
+                k = int(rejected.sum())
+                rows = rejected.nonzero().squeeze(1)
+                compute += time.perf_counter() - t
+                if spec.wire == "two_round":
+                    wire.send(a.to(ID))
+                    q_n = torch.zeros_like(p_n)
+                    if k:
+                        q_n[rows] = wire.recv((k, V), p_dtype)
+                    t = time.perf_counter()
+                    residual = torch.where(rejected[:, None], (p_n - q_n).clamp(min=0), p_n)
+                    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+                    extra = sampling.sample_weights(residual, generator)
+                    compute += time.perf_counter() - t
+                    wire.send(extra.to(ID))
+                else:                                    # return_p: bonus tokens here, p at rejections
+                    t = time.perf_counter()
+                    extra = sampling.sample_weights(p_n, generator)
+                    compute += time.perf_counter() - t
+                    kept = (~rejected).nonzero().squeeze(1)
+                    wire.send(a.to(ID))
+                    if B - k:
+                        wire.send(extra[kept].to(ID))
+                    if k:
+                        wire.send(_as_int(p_n[rows].to(p_dtype)).flatten())
+                        extra = extra.clone()
+                        pending = (a, extra, rows)
+                        continue
+            t = time.perf_counter()
+            book.commit(rules.emit(x, a, extra).tokens, a)
+            target.cache.rollback(book.n_work - 1, check=False)
+            compute += time.perf_counter() - t
+    return {"compute": compute, "prefill_compute": prefill, "target_passes": passes,
+            "seconds": time.perf_counter() - start}
+
+
+# ---------------------------------------------------------------------------------------
+# The two processes
+
+
+def _enter_netns(name: str) -> None:
+    """Move this process into the network namespace ``name`` (``ip netns`` keeps its
+    handle in /run/netns); Python 3.11 has no os.setns, so libc's is called."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:                  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name!r} failed")
+    finally:
+        os.close(fd)
+
+
+def _build(spec):
+    """A model from what the caller gave: a model, or a zero-argument callable making one."""
+    if callable(spec) and not hasattr(spec, "setup_cache"):
+        spec = spec()
+    if not (callable(spec) and hasattr(spec, "setup_cache")):
+        raise checks.InputTypeError(f"expected a model with setup_cache, or a callable returning one, got "
+                                    f"{type(spec).__name__}")
+    if hasattr(spec, "eval"):
+        spec.eval()
+    return spec
+
+
+def _pack(result: dict, wire: Wire) -> dict:
+    """A rank's answer in plain Python values (nothing shared between processes)."""
+    out = {}
+    for key, value in result.items():
+        if isinstance(value, generate.Generation):
+            value = {f: (getattr(value, f).tolist() if isinstance(getattr(value, f), torch.Tensor)
+                         else getattr(value, f)) for f in value.__dataclass_fields__}
+        out[key] = value
+    t = wire.reset()
+    out["traffic"] = {"sent": t.sent, "received": t.received, "legs": t.legs, "messages": t.messages,
+                      "seconds": t.seconds, "delay": t.delay, "steps": t.steps}
+    return out
+
+
+def _unpack_generation(d: dict) -> generate.Generation:
+    tensors = {"tokens": torch.long, "lengths": torch.long, "origin": torch.int8, "accepted_lengths": torch.long}
+    kw = {k: (torch.tensor(v, dtype=tensors[k]) if k in tensors else v) for k, v in d.items()}
+    if kw["accepted_lengths"].dim() == 1:
+        kw["accepted_lengths"] = kw["accepted_lengths"].view(0, kw["tokens"].shape[0])
+    return generate.Generation(**kw)
+
+
+def _pingpong(wire: Wire, rank: int, job: dict) -> dict:
+    import torch.distributed as dist  # noqa: F401  (the wire uses it)
+
+    reply = torch.zeros(job["reply_bytes"], dtype=torch.uint8)
+    timed = []
+    for n in job["sizes"]:
+        message = torch.zeros(n, dtype=torch.uint8)
+        samples = []
+        for _ in range(job["warmup"] + job["repeats"]):
+            if rank == 0:
+                start = time.perf_counter()
+                wire.send(message)
+                wire.recv(reply.shape, torch.uint8)
+                samples.append(time.perf_counter() - start)
+            else:
+                wire.recv(message.shape, torch.uint8)
+                wire.send(reply)
+        timed.append(samples[job["warmup"]:])
+    return {"samples": timed}
+
+
+def _worker(rank: int, init: str, backend: str, env: dict, netns: str | None, spec, delay: float, device: str,
+            control, results, timeout: float) -> None:
+    """One rank: join the group, build its model, then serve jobs until told to stop."""
+    try:
+        torch.set_num_threads(1)
+        if netns:
+            _enter_netns(netns)
+        os.environ.update(env)
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=timeout))
+        model = _build(spec)
+        V = generate._vocab_size(model)
+        mine = torch.tensor([V if V is not None else -1, _dtype_code(_model_dtype(model))], dtype=ID,
+                            device=device)
+        theirs = torch.empty(2, dtype=ID, device=device)
+        if rank == 0:
+            dist.send(mine, dst=1)
+            dist.recv(theirs, src=1)
+        else:
+            dist.recv(theirs, src=0)
+            dist.send(mine, dst=0)
+        draft_info, target_info = (mine.tolist(), theirs.tolist()) if rank == 0 else (theirs.tolist(), mine.tolist())
+        results.put((rank, "ready", {"draft_vocab": draft_info[0], "target_vocab": target_info[0],
+                                     "p_dtype": target_info[1], "q_dtype": draft_info[1]}))
+        wire = Wire(1 - rank, delay, device)
+        while True:
+            if not control.poll(timeout):
+                raise RuntimeError(f"rank {rank} got no job within {timeout:g} s")
+            job = control.recv()
+            if job is None:
+                break
+            try:
+                if job["kind"] == "pingpong":
+                    out = _pingpong(wire, rank, job)
+                else:
+                    job = {**job, "prompt": job["prompt"].to(device), "prompt_lengths": job["prompt_lengths"].to(device)}
+                    V = target_info[0]
+                    p_dtype = _DTYPES[target_info[1]]
+                    job["q_dtype"] = draft_info[1]
+                    if rank == 0:
+                        out = _draft_loop(wire, model, job, V, p_dtype)
+                    else:
+                        out = _target_loop(wire, model, job, V, p_dtype)
+                results.put((rank, "ok", _pack(out, wire)))
+            except Exception as error:  # the peer sees the marker or a closed connection
+                results.put((rank, "error", (type(error).__name__, str(error), traceback.format_exc())))
+                break
+        dist.destroy_process_group()
+    except BaseException as error:  # report anything to the parent rather than dying silently
+        results.put((rank, "error", (type(error).__name__, str(error), traceback.format_exc())))
+
+
+@dataclass
+class DistributedGeneration:
+    """One generation by the two ranks, and what it took.
+
+    Attributes:
+        generation: the :class:`typsamp.generate.Generation` (rank 0's bookkeeping; the
+            target's pass count filled in from rank 1).
+        protocol: the protocol's name.
+        up, down, legs: int64 [steps'] per decoding step: bytes draft -> target, bytes
+            target -> draft, one-way legs (``return_p`` may add a last entry: the final
+            residual tokens travelling alone).
+        draft_compute, target_compute: seconds of forward passes and rule arithmetic after
+            the prefill, on each rank.
+        prefill_seconds, decode_seconds: rank 0's wall time of its prefill and of the loop.
+        transport_seconds: rank 0's time inside send/recv (waiting for the target included).
+        added_delay: seconds the transport step waited to emulate the link's delay (both ranks).
+    """
+
+    generation: generate.Generation
+    protocol: str
+    up: torch.Tensor
+    down: torch.Tensor
+    legs: torch.Tensor
+    draft_compute: float
+    target_compute: float
+    prefill_seconds: float
+    decode_seconds: float
+    transport_seconds: float
+    added_delay: float
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.generation.tokens
+
+    @property
+    def bytes(self) -> int:
+        return int(self.up.sum() + self.down.sum())
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.generation.lengths.sum())
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(self.new_tokens, 1)
+
+    @property
+    def transfer_seconds(self) -> float:
+        """Decode wall time not spent computing on either rank: the links' share."""
+        return max(0.0, self.decode_seconds - self.draft_compute - self.target_compute)
+
+
+class Pair:
+    """Two processes, rank 0 the draft and rank 1 the target, joined by ``torch.distributed``.
+
+    ``target`` and ``draft`` are models (small ones are pickled to the processes) or
+    zero-argument callables that build one inside its process (``functools.partial(
+    gemma.load, torch.bfloat16)``). ``link``: None for loopback (127.0.0.1), or a
+    :class:`NetnsLink` that is already set up (``with NetnsLink(spec) as link:``).
+    ``timeout`` bounds every wait (the group's, each job's). Use as a context manager; one
+    pair serves many generations, each as :meth:`generate`.
+    """
+
+    def __init__(self, target, draft, *, link: NetnsLink | None = None, timeout: float = 120.0,
+                 device: str = "cpu"):
+        import multiprocessing
+
+        self.timeout = checks.real("timeout", timeout, low=0.0, low_open=True)
+        if link is not None and not isinstance(link, NetnsLink):
+            raise checks.InputTypeError(f"`link` must be a NetnsLink or None, got {type(link).__name__}")
+        if link is not None and not link.ready:
+            raise ValueError("`link` is not set up: use it as `with NetnsLink(spec) as link:`")
+        device = str(torch.device(device))
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        ctx = multiprocessing.get_context("spawn")
+        self.results = ctx.Queue()
+        self.link = link
+        port = _free_port()
+        if link is None:
+            addr, envs, spaces, delay = "127.0.0.1", [{}, {}], [None, None], 0.0
+            if "lo" in {name for _, name in socket.if_nameindex()}:
+                envs = [{"GLOO_SOCKET_IFNAME": "lo"}, {"GLOO_SOCKET_IFNAME": "lo"}]
+        else:
+            addr = link.addresses[0]
+            envs = [{"GLOO_SOCKET_IFNAME": link.interfaces[r], "NCCL_SOCKET_IFNAME": link.interfaces[r]} for r in (0, 1)]
+            spaces, delay = list(link.namespaces), link.transport_delay
+        self.controls, self.procs = [], []
+        for rank, spec in ((0, draft), (1, target)):
+            parent, child = ctx.Pipe()
+            self.controls.append(parent)
+            self.procs.append(ctx.Process(target=_worker, daemon=True,
+                                          args=(rank, f"tcp://{addr}:{port}", backend, envs[rank], spaces[rank], spec,
+                                                delay, device, child, self.results, self.timeout)))
+        for p in self.procs:
+            p.start()
+        try:
+            ready = self._collect("ready")
+        except BaseException:
+            self.close()
+            raise
+        info = ready[0]
+        if info["draft_vocab"] >= 0 and info["target_vocab"] >= 0 and info["draft_vocab"] != info["target_vocab"]:
+            self.close()
+            raise ValueError(f"draft and target vocabularies differ: the draft has {info['draft_vocab']} tokens, "
+                             f"the target {info['target_vocab']}")
+        self.vocab_size = info["target_vocab"] if info["target_vocab"] >= 0 else info["draft_vocab"]
+        self.value_bytes = _DTYPES[info["p_dtype"]].itemsize
+
+    def __enter__(self) -> Pair:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _collect(self, expect: str) -> dict:
+        got = {}
+        deadline = time.monotonic() + self.timeout
+        while len(got) < 2:
+            try:
+                rank, status, value = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except _queue.Empty:
+                self.close()
+                raise RuntimeError(f"the two ranks did not answer within {self.timeout:g} s") from None
+            if status == "error":
+                name, message, trace = value
+                self.close()
+                if name in ("ValueError", "InputTypeError", "TypeError"):
+                    raise ValueError(f"rank {rank}: {message}")
+                raise RuntimeError(f"rank {rank} failed: {name}: {message}\n{trace}")
+            got[rank] = value
+        return got
+
+    def _run(self, job: dict) -> dict:
+        if not self.procs:
+            raise RuntimeError("this Pair is closed")
+        for c in self.controls:
+            c.send(job)
+        return self._collect("ok")
+
+    def generate(self, prompt, max_new_tokens: int, *, protocol: str = "typical_greedy", gamma: int = 4,
+                 warp: sampling.Warp = sampling.Warp(), eos_token_id=None, seed=None,
+                 typical: TypicalAcceptance | None = None) -> DistributedGeneration:
+        """One generation, as :func:`typsamp.generate.speculative` with the protocol's rule
+        and drafts (``PROTOCOLS[protocol].rule``, greedy or sampled), the same arguments
+        and the same seed semantics."""
+        spec = globals()["protocol"](protocol, typical)
+        warp = generate._check_warp(warp)
+        prompt, lengths, _ = generate._prompt(prompt)
+        max_new_tokens = checks.integer("max_new_tokens", max_new_tokens, low=1)
+        gamma = checks.integer("gamma", gamma, low=1)
+        generate._check_ids(prompt, self.vocab_size)
+        generate._eos(eos_token_id, self.vocab_size, prompt.device)
+        generate._generator(seed, prompt.shape[0], prompt.device)
+        job = {"kind": "generate", "protocol": spec.name, "typical": typical, "prompt": prompt.cpu(),
+               "prompt_lengths": lengths.cpu(), "max_new_tokens": max_new_tokens, "gamma": gamma, "warp": warp,
+               "eos_token_id": eos_token_id, "seed": seed}
+        got = self._run(job)
+        d, t = got[0], got[1]
+        generation = _unpack_generation(d["generation"])
+        generation.target_passes = t["target_passes"]
+        steps = torch.tensor(d["traffic"]["steps"], dtype=torch.long).view(-1, 3)
+        return DistributedGeneration(
+            generation=generation, protocol=spec.name, up=steps[:, 0], down=steps[:, 1], legs=steps[:, 2],
+            draft_compute=d["compute"], target_compute=t["compute"], prefill_seconds=d["prefill_seconds"],
+            decode_seconds=d["decode_seconds"], transport_seconds=d["traffic"]["seconds"],
+            added_delay=d["traffic"]["delay"] + t["traffic"]["delay"])
+
+    def pingpong(self, sizes, repeats: int = 10, *, warmup: int = 2,
+                 reply_bytes: int = 2 * ID_BYTES) -> transfer.Measurement:
+        """A ping-pong on this pair's link (delays included), as
+        :func:`typsamp.transfer.measure_loopback` measures one; fit it with
+        :func:`typsamp.transfer.fit_link`."""
+        sizes = transfer._check_sizes(sizes)
+        repeats = checks.integer("repeats", repeats, low=1)
+        warmup = checks.integer("warmup", warmup, low=0)
+        reply_bytes = checks.integer("reply_bytes", reply_bytes, low=1)
+        got = self._run({"kind": "pingpong", "sizes": sizes, "repeats": repeats, "warmup": warmup,
+                         "reply_bytes": reply_bytes})
+        what = "loopback" if self.link is None else self.link.spec.describe()
+        return transfer.Measurement(f"gloo send/recv ping-pong between the pair's ranks ({what})", sizes,
+                                    tuple(tuple(s) for s in got[0]["samples"]), messages=2, reply_bytes=reply_bytes)
+
+    def close(self) -> None:
+        for c in self.controls:
+            with contextlib.suppress(Exception):
+                c.send(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for c in self.controls:
+            with contextlib.suppress(Exception):
+                c.close()
+        self.procs, self.controls = [], []
+
+
+def speculative(target, draft, prompt, max_new_tokens: int, *, protocol: str = "typical_greedy", gamma: int = 4,
+                warp: sampling.Warp = sampling.Warp(), eos_token_id=None, seed=None,
+                typical: TypicalAcceptance | None = None, timeout: float = 120.0) -> DistributedGeneration:
+    """One generation on a fresh loopback :class:`Pair` (start-up included: for many
+    generations keep one pair)."""
+    with Pair(target, draft, timeout=timeout) as pair:
+        return pair.generate(prompt, max_new_tokens, protocol=protocol, gamma=gamma, warp=warp,
+                             eos_token_id=eos_token_id, seed=seed, typical=typical)
+
+
+def _free_port() -> int:
+    return transfer._free_port()
+
+
+# ---------------------------------------------------------------------------------------
+# Emulated links: two network namespaces and a veth pair
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link to emulate: ``rate`` in bit/s (None: unshaped) and a one-way ``delay`` in s."""
+
+    name: str
+    rate: float | None
+    delay: float
+
+    def __post_init__(self):
+        if self.rate is not None:
+            checks.real("rate", self.rate, low=0.0, low_open=True)
+        checks.real("delay", self.delay, low=0.0)
+
+    def describe(self) -> str:
+        rate = "unshaped" if self.rate is None else f"{self.rate / 1e6:g} Mbit/s"
+        return f"veth between two network namespaces, {rate}, one-way delay {self.delay * 1e3:g} ms"
+
+    def nominal(self, base: transfer.Link) -> transfer.Link:
+        """The link this spec should give: its rate (or ``base``'s bandwidth when unshaped)
+        and ``base``'s latency plus the added delay."""
+        bandwidth = base.bandwidth if self.rate is None else min(base.bandwidth, self.rate / 8)
+        return transfer.Link(f"nominal {self.name}", bandwidth, base.latency + self.delay)
+
+
+#: The shaped links the benchmark emulates.
+LINKS = (
+    LinkSpec("1gbit_0.2ms", 1e9, 0.2e-3),
+    LinkSpec("100mbit_5ms", 100e6, 5e-3),
+)
+
+
+def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    command = (["ip", "netns", "exec", netns] if netns else []) + list(args)
+    return subprocess.run(command, capture_output=True, text=True, check=check, timeout=30)
+
+
+def can_make_namespaces() -> tuple[bool, str]:
+    """(True, "") when this process may create network namespaces and shape them (root,
+    ``ip`` and ``tc`` present), else (False, why)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False, "not root: creating network namespaces and veth pairs needs root (CAP_NET_ADMIN)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return False, f"`{tool}` (iproute2) is not installed"
+    return True, ""
+
+
+def netem_available() -> tuple[bool, str]:
+    """Whether ``tc`` can add a ``netem`` qdisc here, probed inside a throwaway namespace
+    (the host's own interfaces are never touched). Returns (available, tc's message)."""
+    ok, why = can_make_namespaces()
+    if not ok:
+        return False, why
+    name = f"tsprobe{os.getpid()}"
+    try:
+        _ip("ip", "netns", "add", name)
+        _ip("ip", "link", "set", "lo", "up", netns=name)
+        done = _ip("tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", netns=name, check=False)
+        return done.returncode == 0, (done.stderr or done.stdout).strip()
+    finally:
+        _ip("ip", "netns", "del", name, check=False)
+
+
+class NetnsLink:
+    """Two network namespaces joined by a veth pair, shaped as ``spec`` says.
+
+    ``with NetnsLink(spec) as link:`` creates namespaces ``typsamp<pid>a`` and ``...b``,
+    a veth pair with 10.213.0.1/30 on the draft's side and 10.213.0.2/30 on the target's,
+    and shapes each direction's egress with ``tc``: ``netem delay ... rate ...`` where the
+    kernel has netem, else ``tbf`` at the rate (the delay is then added by the transport
+    step: :attr:`transport_delay`). Leaving the block deletes both namespaces (and with
+    them the veth pair). Raises ``PermissionError`` when not root.
+    """
+
+    def __init__(self, spec: LinkSpec):
+        if not isinstance(spec, LinkSpec):
+            raise checks.InputTypeError(f"`spec` must be a LinkSpec, got {type(spec).__name__}")
+        self.spec = spec
+        tag = os.getpid()
+        self.namespaces = (f"typsamp{tag}a", f"typsamp{tag}b")
+        self.interfaces = (f"tsa{tag}", f"tsb{tag}")
+        self.addresses = ("10.213.0.1", "10.213.0.2")
+        self.ready = False
+        self.delay_by = "none"
+        self.transport_delay = 0.0
+        self.commands: list[str] = []
+
+    def _run(self, *args: str, netns: str | None = None) -> None:
+        self.commands.append(" ".join((["ip netns exec", netns] if netns else []) + list(args)))
+        done = _ip(*args, netns=netns, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{self.commands[-1]}` failed: {(done.stderr or done.stdout).strip()}")
+
+    def __enter__(self) -> NetnsLink:
+        ok, why = can_make_namespaces()
+        if not ok:
+            raise PermissionError(f"cannot emulate the link {self.spec.name!r}: {why}")
+        netem, _ = netem_available()
+        try:
+            for ns in self.namespaces:
+                self._run("ip", "netns", "add", ns)
+            a, b = self.interfaces
+            self._run("ip", "link", "add", a, "netns", self.namespaces[0], "type", "veth", "peer", "name", b,
+                      "netns", self.namespaces[1])
+            for ns, dev, addr in zip(self.namespaces, self.interfaces, self.addresses):
+                self._run("ip", "addr", "add", f"{addr}/30", "dev", dev, netns=ns)
+                self._run("ip", "link", "set", dev, "up", netns=ns)
+                self._run("ip", "link", "set", "lo", "up", netns=ns)
+                if netem and (self.spec.delay > 0 or self.spec.rate is not None):
+                    args = ["tc", "qdisc", "add", "dev", dev, "root", "netem", "limit", "100000"]
+                    if self.spec.delay > 0:
+                        args += ["delay", f"{self.spec.delay * 1e6:.0f}us"]
+                    if self.spec.rate is not None:
+                        args += ["rate", f"{self.spec.rate:.0f}bit"]
+                    self._run(*args, netns=ns)
+                elif self.spec.rate is not None:
+                    # burst: at least one 64 KiB GSO segment and 4 ms at the rate
+                    burst = max(131072, int(self.spec.rate / 8 * 4e-3))
+                    self._run("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.spec.rate:.0f}bit",
+                              "burst", str(burst), "latency", "400ms", netns=ns)
+            if self.spec.delay > 0:
+                self.delay_by = "netem" if netem else "transport"
+                self.transport_delay = 0.0 if netem else self.spec.delay
+            self.shaped_by = "netem" if netem else ("tbf" if self.spec.rate is not None else "none")
+            self.ready = True
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ns in self.namespaces:
+            _ip("ip", "netns", "del", ns, check=False)
+        self.ready = False
