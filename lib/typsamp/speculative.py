@@ -24,6 +24,27 @@ even for 16-bit rows that sum to 1 only within rounding. :func:`verify_reference
 same rule written as plainly as possible, one row and one position at a time; the
 chapter shows it and the tests use it as the oracle.
 
+**Trees** (chapter 10). With ``parents=`` (int64 [N], ``parents[i]`` the candidate node
+i follows, -1 for the last committed token; :mod:`typsamp.tree`) the kernels verify a tree
+of N candidates against p [B, N+1, V], where p[:, 0] is the target's distribution after
+the last committed token and p[:, 1 + i] the one after candidate i, and return a verdict
+with ``path`` [B, D] (D the tree's depth). :class:`RejectionSampling` needs deterministic
+candidates there (``draft_probs=None``; a q raises ``ValueError``) and runs *recursive
+rejection*: at node v with children c_1, c_2, ... (in candidate order) it keeps c_1 with
+probability p_v(x_{c_1}); on a rejection x_{c_1} is removed from p_v and the rest
+renormalised, and c_2 is kept with probability r(x_{c_2}) / Σ r, and so on; the walk
+descends into the first child kept; when every child fails, the extra token comes from
+the final residual, and at a leaf it is the bonus token from p_leaf. A child repeating an
+earlier sibling's token has residual 0 and is never kept. The emitted tokens follow p
+exactly (:func:`typsamp.proofs.tree_step_exact` proves it; the chi-square tests in
+``tests/test_tree.py`` check it). :class:`ExactMatch` samples y_v ~ p_v at every node and
+descends into the first child whose token is y_v, else emits y_v: also exact. Each node
+gets its own uniform, drawn in one call as the chain rule draws them, so on a chain
+(``parents = arange(-1, N-1)``) both tree kernels consume the generator exactly as their
+chain kernels and return the same verdicts (tested). The loop runs over the tree's
+depth only; there is no host synchronisation beyond the first sight of a ``parents``
+tensor (:func:`typsamp.tree.topology`).
+
 **Lenience** (Leviathan et al. 2023, Appendix A.5): ``RejectionSampling(lenience=l)``
 with l in (0, 1] accepts x with probability min(1, p(x) / (l q(x))) and, at a rejection,
 draws from norm(max(0, p - l q)). l = 1 is the exact rule; smaller l accepts more drafts
@@ -48,7 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
-from typsamp import checks
+from typsamp import checks, tree
 from typsamp.sampling import RowSeeds, sample_weights, uniform
 from typsamp.rules import Rule, Verdict, accepted_prefix, check_step, emit, normalised
 
@@ -88,12 +109,14 @@ class RejectionSampling(Rule):
 
     name = "rejection"
     needs_draft_probs = True
-    supports_tree = False
+    supports_tree = True
 
     def __post_init__(self):
         object.__setattr__(self, "lenience", _lenience(self.lenience))
 
-    def kernel(self, draft_tokens, draft_probs, target_probs, generator) -> Verdict:
+    def kernel(self, draft_tokens, draft_probs, target_probs, generator, parents=None) -> Verdict:
+        if parents is not None:
+            return self._tree(draft_tokens, draft_probs, target_probs, generator, parents)
         B, gamma = draft_tokens.shape
         dtype = checks.compute_dtype(target_probs)
         p = normalised(target_probs, dtype)
@@ -132,6 +155,51 @@ class RejectionSampling(Rule):
         extra = sample_weights(residual, generator)
         return emit(draft_tokens, accepted, extra)
 
+    def _tree(self, draft_tokens, draft_probs, target_probs, generator, parents) -> Verdict:
+        """Recursive rejection over each node's deterministic children (module docstring)."""
+        if draft_probs is not None:
+            raise ValueError("RejectionSampling verifies a tree only for deterministic candidates "
+                             "(draft_probs=None, as Medusa's top-k candidates are); got draft_probs")
+        if self.lenience != 1.0:
+            raise ValueError(f"RejectionSampling verifies a tree only with lenience 1 (the exact rule), "
+                             f"got lenience={self.lenience}")
+        topo = tree.check_step(draft_tokens, target_probs, parents)
+        B, N = draft_tokens.shape
+        dtype = checks.compute_dtype(target_probs)
+        p = normalised(target_probs, dtype)                                # [B, N+1, V]
+        # One uniform per node, drawn as the chain rule draws one per draft (the same
+        # stream on a chain); a node's number is used only when the walk tests it.
+        u = uniform((B, N), dtype=dtype, device=p.device, generator=generator)
+        rows = torch.arange(B, device=p.device)
+        earlier = torch.ones(topo.width, topo.width, dtype=torch.bool, device=p.device).tril(-1)
+        at = torch.full((B,), -1, dtype=torch.long, device=p.device)       # the walk's node
+        going = torch.ones(B, dtype=torch.bool, device=p.device)
+        for _ in range(topo.max_depth):
+            kids = topo.children[at + 1]                                   # [B, W]
+            valid = kids >= 0
+            index = kids.clamp(min=0)
+            x = draft_tokens.gather(1, index)                              # children's tokens
+            p_x = p[rows, at + 1].gather(1, x)                             # p_v(x_c)  [B, W]
+            # A child whose token an earlier sibling already carried has residual 0.
+            repeat = ((x[:, :, None] == x[:, None, :]) & valid[:, None, :] & earlier).any(-1)
+            r_x = torch.where(valid & ~repeat, p_x, 0)
+            # Child j is tried after children 1..j-1 failed: the residual then has mass
+            # 1 - (their p), and j is kept with probability r(x_j) / that mass.
+            mass = 1 - (r_x.cumsum(1) - r_x)
+            ok = valid & (u.gather(1, index) * mass < r_x)
+            first = ok.long().argmax(dim=1)                                # first kept child
+            going = going & ok.any(dim=1)
+            at = torch.where(going, kids.gather(1, first[:, None]).squeeze(1), at)
+        # The walk ended at node `at`: every child was rejected (or it has none, a leaf);
+        # the extra token comes from p_at with those children's tokens removed.
+        kids = topo.children[at + 1]
+        x = draft_tokens.gather(1, kids.clamp(min=0))
+        p_n = p[rows, at + 1]
+        removed = torch.zeros_like(p_n).scatter_add_(1, x, (kids >= 0).to(dtype)) > 0
+        residual = p_n.masked_fill(removed, 0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+        return tree.path_verdict(topo, draft_tokens, at, sample_weights(residual, generator))
+
 
 @dataclass(frozen=True)
 class ExactMatch(Rule):
@@ -147,14 +215,27 @@ class ExactMatch(Rule):
 
     name = "match"
     needs_draft_probs = False
-    supports_tree = False
+    supports_tree = True
 
-    def kernel(self, draft_tokens, draft_probs, target_probs, generator) -> Verdict:
+    def kernel(self, draft_tokens, draft_probs, target_probs, generator, parents=None) -> Verdict:
         gamma = draft_tokens.shape[1]
+        if parents is not None:
+            topo = tree.check_step(draft_tokens, target_probs, parents)
         p = normalised(target_probs, checks.compute_dtype(target_probs))
         y = sample_weights(p, generator)                                  # [B, γ+1]
-        accepted = accepted_prefix(y[:, :gamma] == draft_tokens)
-        return emit(draft_tokens, accepted, y.gather(1, accepted[:, None]).squeeze(1))
+        if parents is None:
+            accepted = accepted_prefix(y[:, :gamma] == draft_tokens)
+            return emit(draft_tokens, accepted, y.gather(1, accepted[:, None]).squeeze(1))
+        # A tree: y[:, 1 + v] is the target's own sample after node v; descend to the
+        # first child carrying it, else emit it.
+        at = torch.full((draft_tokens.shape[0],), -1, dtype=torch.long, device=p.device)
+        going = torch.ones_like(at, dtype=torch.bool)
+        for _ in range(topo.max_depth):
+            kids = topo.children[at + 1]
+            ok = (kids >= 0) & (draft_tokens.gather(1, kids.clamp(min=0)) == y.gather(1, (at + 1)[:, None]))
+            going = going & ok.any(dim=1)
+            at = torch.where(going, kids.gather(1, ok.long().argmax(dim=1)[:, None]).squeeze(1), at)
+        return tree.path_verdict(topo, draft_tokens, at, y.gather(1, (at + 1)[:, None]).squeeze(1))
 
 
 def verify(

@@ -70,6 +70,26 @@ is exact. So a uniform row at δ = 1 (p(x) = 1/V = δ exp(−H) in exact arithme
 passes, for every V and dtype, although rounding puts the computed 1/V above the computed
 exp(−H) for about half of all V. :func:`threshold` returns τ itself.
 
+**Trees** (chapter 10). With ``parents=`` (:mod:`typsamp.tree`; p [B, N+1, V], p[:, 0]
+after the last committed token, p[:, 1 + i] after candidate i) the rule verifies a tree as
+Medusa's ``evaluate_posterior`` (``fast=True``, same file and commit) does over its
+retrieved paths: node i passes when p_parent(x_i) > τ(p_parent); a path is accepted up to
+its first failing node (cumulative product); the longest accepted length wins; among the
+paths that reach it, the one whose accepted prefix has the largest likelihood
+Σ log p(x) (``torch.argmax``: the first best path in retrieve order on a tie) is chosen;
+the next token is drawn per ``extra`` from p after the accepted prefix (Medusa: its
+argmax). Paths sharing the accepted prefix give the same outcome, so this is: the deepest
+node whose whole root path passes, ties by the prefix's likelihood, then by the first leaf
+path in Medusa's retrieve order that holds it (:attr:`typsamp.tree.Topology.retrieve`).
+At T = 0 Medusa's branch accepts a node when its token is the parent's argmax and takes
+the first longest path in retrieve order; with one-hot p (``Warp(temperature=0)``) every
+passing node has likelihood log 1 = 0, so the rule above gives the same. One difference:
+Medusa pads a path shorter than the deepest with index -1, which reads an appended token
+0 and the last node's logits, so where token 0 clears the threshold after a short path's
+leaf, Medusa's accepted length runs past the leaf onto that phantom token; here a path
+ends at its leaf. On a chain the tree kernel gives exactly the chain kernel's verdicts
+(same generator use; tested).
+
 Every function works on rows divided by their sums, so 16-bit rows that sum to 1 only
 within rounding behave as their normalised selves.
 """
@@ -80,7 +100,7 @@ from dataclasses import dataclass
 
 import torch
 
-from typsamp import checks
+from typsamp import checks, tree
 from typsamp.sampling import RowSeeds, sample_weights
 from typsamp.rules import Rule, Verdict, accepted_prefix, emit, normalised
 
@@ -119,17 +139,25 @@ def _threshold(p: torch.Tensor, epsilon: float, delta: float, entropy: str = "ex
     return torch.clamp(delta * torch.exp(-_entropy(p, entropy)), max=epsilon)
 
 
-def _passes(p_x: torch.Tensor, p: torch.Tensor, epsilon: float, delta: float, entropy: str) -> torch.Tensor:
-    """The acceptance test p(x) > τ with the tie rule of the module docstring.
+def _bound(p: torch.Tensor, epsilon: float, delta: float, entropy: str) -> torch.Tensor:
+    """[...]: the value a candidate's p(x) must exceed under each row of ``p`` [..., V].
 
-    ``p_x`` [..., k] are probabilities of k candidate tokens under the rows ``p`` [..., V].
+    min(ε, δ exp(−H)); for ``entropy="exact"`` the entropic branch is first raised by the
+    rounding margin of the module docstring (x > min(a, b) is x > a or x > b).
     """
     H = _entropy(p, entropy)
     entropic = delta * torch.exp(-H)
     if entropy == "exact":
         entropic = entropic * (1 + _MARGIN * torch.finfo(p.dtype).eps * (1 + H))
-        return (p_x > entropic[..., None]) | (p_x > epsilon)
-    return p_x > torch.clamp(entropic, max=epsilon)[..., None]
+    return torch.clamp(entropic, max=epsilon)
+
+
+def _passes(p_x: torch.Tensor, p: torch.Tensor, epsilon: float, delta: float, entropy: str) -> torch.Tensor:
+    """The acceptance test p(x) > τ with the tie rule of the module docstring.
+
+    ``p_x`` [..., k] are probabilities of k candidate tokens under the rows ``p`` [..., V].
+    """
+    return p_x > _bound(p, epsilon, delta, entropy)[..., None]
 
 
 def _extra_weights(p: torch.Tensor, tau: torch.Tensor, extra: str) -> torch.Tensor:
@@ -165,7 +193,7 @@ class TypicalAcceptance(Rule):
 
     name = "typical"
     needs_draft_probs = False
-    supports_tree = False
+    supports_tree = True
 
     def __post_init__(self):
         epsilon, delta = _params(self.epsilon, self.delta)
@@ -174,18 +202,50 @@ class TypicalAcceptance(Rule):
         object.__setattr__(self, "extra", _choice("extra", self.extra, EXTRA))
         object.__setattr__(self, "entropy", _choice("entropy", self.entropy, ENTROPY))
 
-    def kernel(self, draft_tokens, draft_probs, target_probs, generator) -> Verdict:
+    def kernel(self, draft_tokens, draft_probs, target_probs, generator, parents=None) -> Verdict:
+        if parents is not None:
+            return self._tree(draft_tokens, target_probs, generator, parents)
         B, gamma = draft_tokens.shape
         p = _float(target_probs)
         p_x = p[:, :gamma].gather(-1, draft_tokens[..., None])               # p_i(x_i) [B, γ, 1]
         ok = _passes(p_x, p[:, :gamma], self.epsilon, self.delta, self.entropy).squeeze(-1)
         accepted = accepted_prefix(ok)                                       # [B]
         rows = torch.arange(B, device=p.device)
-        p_n = p[rows, accepted]                                              # [B, V]
+        return emit(draft_tokens, accepted, self._extra(p[rows, accepted], generator))
+
+    def _extra(self, p_n: torch.Tensor, generator) -> torch.Tensor:
+        """The extra token [B] from the rows p_n [B, V] at the end of the accepted path."""
         if self.extra == "greedy":
-            return emit(draft_tokens, accepted, p_n.argmax(dim=-1))
+            return p_n.argmax(dim=-1)
         tau_n = _threshold(p_n, self.epsilon, self.delta, self.entropy)
-        return emit(draft_tokens, accepted, sample_weights(_extra_weights(p_n, tau_n, self.extra), generator))
+        return sample_weights(_extra_weights(p_n, tau_n, self.extra), generator)
+
+    def _tree(self, draft_tokens, target_probs, generator, parents) -> Verdict:
+        """Medusa's ``evaluate_posterior`` (fast) on a tree (module docstring, "Trees")."""
+        topo = tree.check_step(draft_tokens, target_probs, parents)
+        B, N = draft_tokens.shape
+        p = _float(target_probs)                                             # [B, N+1, V]
+        rows = torch.arange(B, device=p.device)[:, None]
+        up = topo.parents + 1                                                # parent's row of p
+        p_x = p[rows, up, draft_tokens]                                      # p_parent(x_i) [B, N]
+        passes = p_x > _bound(p, self.epsilon, self.delta, self.entropy)[:, up]
+        # Root paths: a node stands when it and all its ancestors pass; the likelihood of
+        # its path is the sum of log p_parent(x) from the root down. One sweep per level.
+        log_p = torch.where(passes, torch.log(p_x), 0)
+        ok, loglik = passes, log_p
+        true, zero = passes.new_ones(B, 1), log_p.new_zeros(B, 1)
+        for _ in range(topo.max_depth - 1):
+            ok = passes & torch.cat([true, ok], dim=1)[:, up]
+            loglik = log_p + torch.cat([zero, loglik], dim=1)[:, up]
+        # The deepest standing node; ties by path likelihood, then Medusa's retrieve order.
+        depth = torch.where(ok, topo.depth[1:], 0)
+        best = depth.max(dim=1, keepdim=True).values
+        tied = ok & (depth == best)
+        loglik = torch.where(tied, loglik, -torch.inf)
+        tied = tied & (loglik == loglik.max(dim=1, keepdim=True).values)
+        end = torch.where(tied, topo.retrieve, N).argmin(dim=1)
+        end = torch.where(best.squeeze(1) > 0, end, -1)
+        return tree.path_verdict(topo, draft_tokens, end, self._extra(p[rows.squeeze(1), end + 1], generator))
 
 
 def threshold(probs: torch.Tensor, epsilon: float = 0.09, delta: float = 0.3, *,
