@@ -97,7 +97,7 @@ def test_names_and_flags():
     assert (TypicalAcceptance.name, TypicalAcceptance.needs_draft_probs) == ("typical", False)
     for rule in ALL_RULES:
         assert isinstance(rule, Rule)
-        assert rule.supports_tree is False
+        assert rule.supports_tree is True                  # each verifies trees too (test_tree.py)
         assert rule.name in ("rejection", "match", "typical")
 
 
