@@ -293,3 +293,38 @@ def test_lenient_claims_hold_and_are_not_vacuous():
                                                                              for i in range(V)]
     with pytest.raises(ValueError, match="V"):
         proofs.lenient_one_position_by_region(1)
+
+
+# --- chapter 10: recursive rejection over a tree -------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(proofs.TOY_TREES))
+def test_recursive_rejection_on_a_tree_is_exact(name):
+    V, children = proofs.TOY_TREES[name]
+    claim = proofs.tree_step_exact(name)
+    depth = max(len(node) for node in children) + 1
+    assert depth == 2 and max(len(kids) for kids in children.values()) in (2, 3)
+    assert claim.lhs.shape == (V ** (depth + 1), 1)
+    assert sp.simplify(sum(claim.lhs)) == 1            # a distribution over the V^(D+1) sequences
+    assert claim.lhs.free_symbols                       # symbolic conditionals, not numbers
+    assert claim.holds()
+
+
+@pytest.mark.parametrize("name", sorted(proofs.TOY_TREES))
+def test_trying_children_without_renormalising_is_not_exact(name):
+    claim = proofs.tree_step_exact(name, renormalise=False)
+    assert not claim.holds()
+
+
+def test_sibling_telescoping_holds_and_a_wrong_mass_fails():
+    claims = proofs.sibling_telescoping(3)
+    assert len(claims) == 4 and all(c.holds() for c in claims)
+    last = claims[-1]
+    assert not proofs.Claim("wrong leftover", last.lhs, last.rhs + sp.Rational(1, 10)).holds()
+
+
+def test_tree_conditionals_are_distributions():
+    p = proofs.tree_conditionals(3, 2)
+    assert len(p) == 1 + 3 + 9 and all(sp.simplify(sum(row)) == 1 for row in p.values())
+    symbols = set().union(*(x.free_symbols for row in p.values() for x in row))
+    assert len(symbols) == 13 * 2                       # V - 1 free entries per prefix, none shared

@@ -26,6 +26,12 @@ Chapter 5 (temperature against acceptance): :func:`self_draft_rejection`,
 :func:`greedy_draft_slope`, :func:`self_match_limits`.
 
 Chapter 6 (typical acceptance): :func:`entropy_gap`, :func:`typical_one_position`.
+
+Chapter 10 (trees of candidates): :func:`tree_step_exact` (recursive rejection over
+deterministic children, :class:`typsamp.speculative.RejectionSampling` on a tree, has the
+target's law; symbolic conditionals, :data:`TOY_TREES` with branching 2-3 and depth 2,
+built by :func:`tree_conditionals` and :func:`tree_step_distribution`) and
+:func:`sibling_telescoping` (the one-node identity behind it).
 """
 
 from __future__ import annotations
@@ -67,6 +73,11 @@ __all__ = [
     "self_match_limits",
     "entropy_gap",
     "typical_one_position",
+    "TOY_TREES",
+    "tree_conditionals",
+    "tree_step_distribution",
+    "tree_step_exact",
+    "sibling_telescoping",
 ]
 
 T = sp.Symbol("T", positive=True)
@@ -657,3 +668,97 @@ def typical_one_position(V: int = 3) -> list[tuple[tuple[bool, ...], list[Claim]
         out.append((A, [Claim(f"A={A}: P(emit x{y + 1})", lhs, rhs)
                         for y, (lhs, rhs) in enumerate(zip(process, closed))]))
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 10: recursive rejection over a tree of deterministic candidates
+
+#: The toy trees of :func:`tree_step_exact`: each maps a node (the tuple of tokens from the
+#: root) to its children's tokens in candidate order; nodes not listed are leaves.
+TOY_TREES = {
+    "branching 2, V = 3": (3, {(): (0, 1), (0,): (1, 2), (1,): (0,)}),
+    "branching 3, V = 3 (every token a child)": (3, {(): (2, 0, 1), (2,): (0, 1)}),
+    "branching 3 then 2, V = 4": (4, {(): (1, 3, 0), (1,): (2, 0), (3,): (3,), (0,): (0, 1)}),
+}
+
+
+def tree_conditionals(V: int, depth: int) -> dict[tuple[int, ...], list[sp.Expr]]:
+    """Symbolic target conditionals p(· | prefix) for every prefix of length 0..depth: a
+    distribution of V - 1 free positive symbols (named after the prefix) and 1 - their sum."""
+    out = {}
+    for n in range(depth + 1):
+        for prefix in itertools.product(range(V), repeat=n):
+            tag = "".join(map(str, prefix)) or "r"
+            free = list(sp.symbols(f"p{tag}_1:{V}", positive=True))
+            out[prefix] = free + [1 - sp.Add(*free)]
+    return out
+
+
+def tree_step_distribution(p, children, V: int, depth: int, renormalise: bool = True
+                           ) -> dict[tuple[int, ...], sp.Expr]:
+    """Exact law of ``depth + 1`` tokens: one step of recursive rejection over the tree
+    ``children`` (node -> its deterministic children's tokens), then the target itself.
+
+    At node v the residual r starts as p(· | v); child c_j (in order) is kept with
+    probability r(c_j) / Σ r (the walk descends into it), else r(c_j) is set to 0; when
+    every child fails the token comes from r / Σ r; at a leaf it is the bonus token from
+    p(· | v). Shorter outputs are continued by the target, as the next steps do in
+    distribution. ``renormalise=False`` keeps c_j with p(c_j | v) instead of r(c_j) / Σ r:
+    a wrong rule, to show that the claim can fail.
+    """
+    out = {seq: sp.Integer(0) for seq in itertools.product(range(V), repeat=depth + 1)}
+
+    def add(emitted, prob):
+        for tail in itertools.product(range(V), repeat=depth + 1 - len(emitted)):
+            seq = emitted + tail
+            out[seq] += prob * _path_probability(p, seq, len(emitted))
+
+    def walk(node, prob):
+        kids = children.get(node, ())
+        if not kids:                                     # a leaf: the bonus token
+            for y in range(V):
+                add(node + (y,), prob * p[node][y])
+            return
+        residual = list(p[node])
+        for c in kids:
+            keep = residual[c] / sp.Add(*residual) if renormalise else p[node][c]
+            walk(node + (c,), prob * keep)
+            prob = prob * (1 - keep)
+            residual[c] = sp.Integer(0)
+        if prob != 0:                                    # every child rejected
+            total = sp.Add(*residual)
+            for y in range(V):
+                add(node + (y,), prob * residual[y] / total)
+
+    walk((), sp.Integer(1))
+    return out
+
+
+def tree_step_exact(name: str = "branching 2, V = 3", renormalise: bool = True) -> Claim:
+    """Recursive rejection over a tree of deterministic children is exact: one step (then
+    the target) has the target's law on the ``depth + 1`` tokens, for the symbolic
+    conditionals of :func:`tree_conditionals` and the toy tree :data:`TOY_TREES` [name]."""
+    V, children = TOY_TREES[name]
+    depth = max(len(node) for node in children) + 1
+    p = tree_conditionals(V, depth)
+    step = tree_step_distribution(p, children, V, depth, renormalise)
+    auto = autoregressive_distribution(p, V, depth + 1)
+    keys = sorted(auto)
+    return Claim(f"tree step = target, {name}", sp.Matrix([sp.together(step[k]) for k in keys]),
+                 sp.Matrix([auto[k] for k in keys]))
+
+
+def sibling_telescoping(k: int = 3) -> list[Claim]:
+    """Why trying siblings in turn is exact at one node: child c_j is emitted with
+    Π_{i<j} (1 - p_i / (1 - Σ_{l<i} p_l)) · p_j / (1 - Σ_{l<j} p_l) = p_j, since the
+    product telescopes to 1 - Σ_{l<j} p_l (p_1..p_k the children's target probabilities,
+    positive, summing below 1). The token left after all k fail has mass 1 - Σ p_l."""
+    q = list(sp.symbols(f"c1:{k + 1}", positive=True))
+    claims = []
+    reach = sp.Integer(1)
+    for j in range(k):
+        mass = 1 - sp.Add(*q[:j])
+        claims.append(Claim(f"P(keep child {j + 1})", sp.Mul(reach, q[j] / mass, evaluate=False), q[j]))
+        reach = reach * (1 - q[j] / mass)
+    claims.append(Claim("P(every child rejected)", reach, 1 - sp.Add(*q)))
+    return claims
