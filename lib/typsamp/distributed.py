@@ -1051,3 +1051,258 @@ class NetnsLink:
         for ns in self.namespaces:
             _ip("ip", "netns", "del", ns, check=False)
         self.ready = False
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark: every protocol on every link with the real pair of chapter 9
+
+#: Settings of ``python -m typsamp.distributed bench`` (``--quick`` overrides with QUICK).
+BENCH_SETTINGS = {
+    "tokens": 32,             # new tokens per generation
+    "prompts": 2,             # test prompts (bench.llm_prompts: round robin over its categories)
+    "prompt_tokens": 64,      # prompt length (BOS + the prompt's last tokens)
+    "gamma": 4,
+    "temperature": 0.7,       # every protocol at this T (greedy drafts are exact at any T)
+    "seed": 0,
+    "draft": "distil",        # "distil" (distil.load_draft) or "trimmed" (drafts.trimmed_draft)
+    "target_dtype": "bfloat16",
+    "pingpong_sizes": (8, 1024, 65536, 1048576, 4194304),   # up to one step's q (gamma 4, V 262k, float32)
+    "pingpong_repeats": 5,
+}
+QUICK = {"tokens": 16, "prompts": 1, "pingpong_repeats": 3}
+#: The links ``--quick`` measures (loopback is always first).
+QUICK_LINKS = ("100mbit_5ms",)
+DRAFT_DESCRIPTIONS = {
+    "distil": "a 2-layer Gemma draft on the target's embedding, trimmed head, distilled (typsamp.distil.load_draft)",
+    "trimmed": "the target in bfloat16 with its head trimmed to the kept tokens (typsamp.drafts.trimmed_draft)",
+}
+
+
+def _loaders(draft: str, target_dtype: str):
+    import functools
+
+    from typsamp import distil, drafts, gemma
+
+    dtype = getattr(torch, target_dtype)
+    target = functools.partial(gemma.load, dtype)
+    if draft == "distil":
+        return target, functools.partial(distil.load_draft, torch.bfloat16)
+    if draft == "trimmed":
+        return target, functools.partial(drafts.trimmed_draft, torch.bfloat16)
+    raise ValueError(f"`draft` must be 'distil' or 'trimmed', got {draft!r}")
+
+
+def _measure_link(pair: Pair, name: str, s: dict) -> tuple[dict, transfer.Link | None]:
+    m = pair.pingpong(s["pingpong_sizes"], s["pingpong_repeats"], warmup=1)
+    record = {"sizes": list(m.sizes), "fastest_s": [round(t, 7) for t in m.fastest],
+              "median_s": [round(t, 7) for t in m.median]}
+    try:
+        link = transfer.fit_link(m, name)
+        record.update(bandwidth_bytes_per_s=link.bandwidth, latency_s=link.latency)
+    except ValueError as error:
+        link = None
+        record["fit_error"] = str(error)
+    return record, link
+
+
+def _aggregate(runs: list[DistributedGeneration], gamma: int) -> dict:
+    steps = sum(r.generation.steps for r in runs)
+    tokens = sum(r.new_tokens for r in runs)
+    accepted = sum(r.generation.accepted for r in runs)
+    examined = sum(r.generation.examined for r in runs)
+    decode = sum(r.decode_seconds for r in runs)
+    return {
+        "generations": len(runs), "new_tokens": tokens, "steps": steps,
+        "tokens_per_step": tokens / steps, "alpha": accepted / examined if examined else float("nan"),
+        "decode_seconds": decode, "whole_seconds": decode + sum(r.prefill_seconds for r in runs),
+        "draft_compute_s": sum(r.draft_compute for r in runs), "target_compute_s": sum(r.target_compute for r in runs),
+        "bytes": sum(r.bytes for r in runs), "up_bytes": sum(int(r.up.sum()) for r in runs),
+        "down_bytes": sum(int(r.down.sum()) for r in runs), "legs": sum(int(r.legs.sum()) for r in runs),
+        "added_delay_s": sum(r.added_delay for r in runs), "transport_s": sum(r.transport_seconds for r in runs),
+    }
+
+
+def _row(name: str, link_name: str, agg: dict, base: dict, link: transfer.Link | None,
+         nominal: transfer.Link | None, V: int, gamma: int, value_bytes: int) -> dict:
+    """One (protocol, link) row: measured, counted, and the chapter's model."""
+    steps, tokens = agg["steps"], agg["new_tokens"]
+    alpha = base["alpha"]                                 # this protocol's α on loopback (same tokens)
+    E = float(expected_tokens(min(max(alpha, 0.0), 1.0), gamma))
+    load = transfer.payload(name, V, gamma, value_bytes, alpha=min(max(alpha, 0.0), 1.0))
+    compute_step = (base["draft_compute_s"] + base["target_compute_s"]) / base["steps"]
+    measured_transfer_step = max(0.0, agg["decode_seconds"] - agg["draft_compute_s"] - agg["target_compute_s"]) / steps
+    row = {
+        "protocol": name, "link": link_name,
+        "tokens_per_s": tokens / agg["decode_seconds"],
+        "tokens_per_s_with_prefill": tokens / agg["whole_seconds"],
+        "ms_per_token": 1e3 * agg["decode_seconds"] / tokens,
+        "bytes_per_token": agg["bytes"] / tokens,
+        "bytes_per_step": agg["bytes"] / steps,
+        "model_bytes_per_step": load.bytes,
+        "legs_per_step": agg["legs"] / steps,
+        "model_messages_per_step": load.messages,
+        "alpha": alpha, "tokens_per_step": tokens / steps, "model_tokens_per_step": E,
+        "draft_compute_ms_per_step": 1e3 * agg["draft_compute_s"] / steps,
+        "target_compute_ms_per_step": 1e3 * agg["target_compute_s"] / steps,
+        "transfer_ms_per_step": 1e3 * measured_transfer_step,
+        "transfer_fraction": measured_transfer_step / (agg["decode_seconds"] / steps),
+        "added_delay_ms_per_step": 1e3 * agg["added_delay_s"] / steps,
+        **{k: agg[k] for k in ("generations", "new_tokens", "steps", "bytes", "up_bytes", "down_bytes", "legs",
+                               "decode_seconds")},
+    }
+    for label, model_link in (("", link), ("_nominal_link", nominal)):
+        if model_link is None:
+            continue
+        transfer_step = model_link.seconds(load.bytes, load.messages)
+        predicted = E / (compute_step + transfer_step)
+        row[f"model_transfer_ms_per_step{label}"] = 1e3 * transfer_step
+        row[f"predicted_tokens_per_s{label}"] = predicted
+        row[f"measured_over_predicted{label}"] = row["tokens_per_s"] / predicted
+        row[f"predicted_tokens_per_s{label}_measured_tokens_per_step"] = (tokens / steps) / (compute_step + transfer_step)
+    return row
+
+
+def bench(*, quick: bool = False, settings: dict | None = None, links: tuple[str, ...] | None = None,
+          out: Path | str | None = None, progress: bool = True) -> dict:
+    """Every protocol on loopback and on each emulated link with the real pair (Gemma 3
+    270M target, a real draft), measured end to end; writes ``out`` (default
+    ``notebooks/results/distributed_bench.json``) and returns the record."""
+    from tqdm.auto import tqdm
+
+    from typsamp import bench as _bench
+    from typsamp import gemma, provenance
+
+    s = {**BENCH_SETTINGS, **(QUICK if quick else {}), **(settings or {})}
+    unknown = set(s) - set(BENCH_SETTINGS)
+    if unknown:
+        raise ValueError(f"`settings` has unknown keys {sorted(unknown)}; use {sorted(BENCH_SETTINGS)}")
+    known = {spec.name: spec for spec in LINKS}
+    links = tuple(links) if links is not None else (QUICK_LINKS if quick else tuple(known))
+    for name in links:
+        if name not in known:
+            raise ValueError(f"unknown link {name!r}; choose among {', '.join(known)}")
+    torch.set_num_threads(1)
+    clock = time.perf_counter()
+    where = provenance.machine("cpu")
+    names, rows_prompt = _bench.llm_prompts(gemma.load_tokenizer(), s["prompts"], s["prompt_tokens"])
+    target_loader, draft_loader = _loaders(s["draft"], s["target_dtype"])
+    allowed, why = can_make_namespaces()
+    netem, netem_message = netem_available() if allowed else (False, why)
+    if not allowed:
+        print(f"distributed bench: {why}; measuring loopback only", file=sys.stderr)
+    plan = [("loopback", None)] + ([(n, known[n]) for n in links] if allowed else [])
+    bar = tqdm(total=len(plan) * (len(PROTOCOLS) * len(rows_prompt) + 2), desc="distributed bench",
+               disable=not progress)
+    warp = sampling.Warp(temperature=s["temperature"])
+    result_links, rows, base_runs, base_tokens = [], [], {}, {}
+    loopback_link = None
+    for link_name, spec in plan:
+        with contextlib.ExitStack() as stack:
+            netns = stack.enter_context(NetnsLink(spec)) if spec is not None else None
+            pair = stack.enter_context(Pair(target_loader, draft_loader, link=netns, timeout=900.0))
+            V, d = pair.vocab_size, pair.value_bytes
+            bar.set_postfix_str(f"{link_name}: ping-pong")
+            measured, fitted = _measure_link(pair, link_name, s)
+            if spec is None:
+                loopback_link = fitted
+            nominal = (spec.nominal(loopback_link) if spec is not None and loopback_link is not None
+                       else fitted)
+            bar.update(1)
+            bar.set_postfix_str(f"{link_name}: warm-up")
+            pair.generate(rows_prompt[:1], s["tokens"], protocol="rejection_sampled_return_p", gamma=s["gamma"],
+                          warp=warp, seed=s["seed"])
+            bar.update(1)
+            for name in PROTOCOLS:
+                bar.set_postfix_str(f"{link_name}: {name}")
+                runs = []
+                for i in range(rows_prompt.shape[0]):
+                    runs.append(pair.generate(rows_prompt[i:i + 1], s["tokens"], protocol=name, gamma=s["gamma"],
+                                              warp=warp, seed=s["seed"] + i))
+                    bar.update(1)
+                agg = _aggregate(runs, s["gamma"])
+                tokens = [r.tokens.tolist() for r in runs]
+                if spec is None:
+                    base_runs[name], base_tokens[name] = agg, tokens
+                row = _row(name, link_name, agg, base_runs[name], fitted, nominal, V, s["gamma"], d)
+                row["same_tokens_as_loopback"] = tokens == base_tokens[name]
+                rows.append(row)
+            entry = {"name": link_name, "ping_pong": measured,
+                     "fitted": None if fitted is None else {"bandwidth_bytes_per_s": fitted.bandwidth,
+                                                            "latency_s": fitted.latency},
+                     "nominal": None if nominal is None else {"bandwidth_bytes_per_s": nominal.bandwidth,
+                                                              "latency_s": nominal.latency}}
+            if spec is None:
+                entry["what"] = "loopback: gloo over TCP on 127.0.0.1 between two processes"
+            else:
+                entry.update(what=spec.describe(), rate_bit_per_s=spec.rate, delay_s=spec.delay,
+                             delay_by=netns.delay_by, shaped_by=netns.shaped_by, commands=list(netns.commands))
+            result_links.append(entry)
+    bar.close()
+    fastest = {}
+    for link_name, _ in plan:
+        here = sorted((r for r in rows if r["link"] == link_name), key=lambda r: -r["tokens_per_s"])
+        fastest[link_name] = [r["protocol"] for r in here]
+    record = {
+        "benchmark": "speculative decoding with the draft and the target in two processes over torch.distributed "
+                     "(gloo), every protocol of typsamp.transfer on loopback and on emulated links",
+        "command": "python -m typsamp.distributed bench" + (" --quick" if quick else ""),
+        "method": (
+            f"target: Gemma 3 270M in {s['target_dtype']} (typsamp.gemma.load), rank 1; draft: "
+            f"{DRAFT_DESCRIPTIONS[s['draft']]}, rank 0; one torch thread per process. {len(names)} test prompt(s) "
+            f"of {s['prompt_tokens']} tokens (typsamp.bench.llm_prompts), {s['tokens']} new tokens each, gamma "
+            f"{s['gamma']}, T = {s['temperature']}, seed {s['seed']} + prompt index; one warm-up generation per link. "
+            "tokens_per_s = new tokens / decode wall time on rank 0 (prefill excluded; with_prefill includes it). "
+            "Bytes and legs (one-way runs of messages) counted by the loop itself. compute = forward passes and rule "
+            "arithmetic on each rank; transfer_ms_per_step = decode time minus both ranks' compute. Model: "
+            "E(alpha, gamma) / (compute per step on loopback + m*lambda + bytes/beta), with alpha this protocol's "
+            "measured acceptance rate (identical tokens on every link), payload from typsamp.transfer.payload, and "
+            "lambda, beta fitted (typsamp.transfer.fit_link, fastest of the repeats) to a ping-pong on the same "
+            "link; _nominal_link uses the link's rate and loopback's latency plus the added delay. Shaped links: "
+            "two network namespaces joined by a veth pair; rate by tc (netem where available, else tbf); one-way "
+            "delay by netem where available, else waited by the transport step before each leg (delay_by)."),
+        "machine": where,
+        "versions": provenance.versions(),
+        "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}, "prompts": names,
+                     "threads_per_process": 1},
+        "netem": {"available": netem, "message": netem_message},
+        "namespaces": {"allowed": allowed, "why_not": why},
+        "vocab_size": V,
+        "links": result_links,
+        "rows": rows,
+        "fastest_first": fastest,
+        "seconds": round(time.perf_counter() - clock, 1),
+    }
+    path = Path(out) if out is not None else provenance.ROOT / provenance.RESULTS / "distributed_bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m typsamp.distributed", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bench", help="every protocol on loopback and emulated links with the real pair (root "
+                                     "for the emulated links); writes notebooks/results/distributed_bench.json")
+    p.add_argument("--quick", action="store_true", help=f"fewer tokens and prompts, links loopback + {QUICK_LINKS}")
+    p.add_argument("--out", default=None, help="where to write the JSON (default notebooks/results/distributed_bench.json)")
+    p.add_argument("--draft", choices=("distil", "trimmed"), default=None)
+    p.add_argument("--tokens", type=int, default=None)
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--links", default=None, help=f"comma-separated, among {', '.join(s.name for s in LINKS)}")
+    p.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    settings = {k: v for k, v in (("draft", args.draft), ("tokens", args.tokens), ("prompts", args.prompts))
+                if v is not None}
+    links = tuple(x for x in args.links.split(",") if x) if args.links else None
+    record = bench(quick=args.quick, settings=settings, links=links, out=args.out, progress=not args.no_progress)
+    for row in record["rows"]:
+        pred = row.get("predicted_tokens_per_s")
+        print(f"{row['link']:>12} {row['protocol']:>28}: {row['tokens_per_s']:7.2f} tok/s "
+              f"(model {pred if pred is None else round(pred, 2)}), {row['bytes_per_token']:10.0f} B/token, "
+              f"alpha {row['alpha']:.3f}, same tokens {row['same_tokens_as_loopback']}")
+    print(f"{record['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
