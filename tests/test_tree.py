@@ -540,3 +540,48 @@ def test_sampled_tree_decoding_runs_and_stays_in_the_vocabulary(target):
                                rule=RejectionSampling(), warp=Warp(temperature=1.0), seed=[1, 2])
     assert out.tokens.shape == (2, 16) and bool(((out.tokens >= 0) & (out.tokens < VOCAB)).all())
     assert torch.equal(out.lengths, torch.tensor([16, 16]))
+
+
+# --- CUDA ---------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rule", [RejectionSampling(), ExactMatch(), TypicalAcceptance(extra="target")], ids=repr)
+def test_cuda_tree_kernels_never_synchronise_and_keep_the_law(rule):
+    parents, tokens = TOYS["w2d3_repeat"]
+    V, N, B = 4, len(parents), 40_000
+    p = toy_probs(N, V, seed=len("w2d3_repeat"))
+    parents_cuda = torch.tensor(parents, device="cuda")
+    x = torch.tensor(tokens, device="cuda").expand(B, -1)
+    probs = p.float().cuda().expand(B, -1, -1)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    rule.kernel(x[:2], None, probs[:2], g, parents=parents_cuda)         # first sight: builds the topology
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        verdict = rule.kernel(x, None, probs, g, parents=parents_cuda)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert verdict.tokens.device.type == "cuda" and verdict.path.device.type == "cuda"
+    if not isinstance(rule, TypicalAcceptance):                            # the exact rules: the walk's law
+        D = tree.topology(parents_cuda).max_depth
+        assert verdict_fit(type(verdict)(verdict.tokens.cpu(), verdict.accepted.cpu(), verdict.path.cpu()),
+                           walk_law(tokens, p, parents, V), D, V) > ALPHA
+
+
+@needs_cuda
+def test_cuda_greedy_tree_verdicts_equal_the_cpus():
+    spec = tree.mc_sim_7b_63()
+    N, V, B = spec.n_nodes, 12, 16
+    g = gen(4)
+    logits = torch.randn(B, N + 1, V, generator=g)
+    p = Warp(temperature=0)(logits)
+    x = logits.argsort(-1, descending=True)[torch.arange(B)[:, None], spec.parents + 1, spec.rank]
+    cuda = spec.to("cuda")
+    for rule in (RejectionSampling(), TypicalAcceptance(), ExactMatch()):
+        here = rule.kernel(x, None, p, gen(1), parents=spec.parents)
+        there = rule.kernel(x.cuda(), None, p.cuda(), torch.Generator(device="cuda").manual_seed(1),
+                            parents=cuda.parents)
+        assert torch.equal(here.tokens, there.tokens.cpu()) and torch.equal(here.path, there.path.cpu())

@@ -82,8 +82,9 @@ argmax). Paths sharing the accepted prefix give the same outcome, so this is: th
 node whose whole root path passes, ties by the prefix's likelihood, then by the first leaf
 path in Medusa's retrieve order that holds it (:attr:`typsamp.tree.Topology.retrieve`).
 At T = 0 Medusa's branch accepts a node when its token is the parent's argmax and takes
-the first longest path in retrieve order; with one-hot p (``Warp(temperature=0)``) every
-passing node has likelihood log 1 = 0, so the rule above gives the same. One difference:
+the first longest path in retrieve order; with one-hot p (``Warp(temperature=0)``) a node
+passes exactly when its token is the argmax (whenever min(ε, δ) < 1, as at Medusa's
+defaults) and every passing path has likelihood log 1 = 0, so the rule above gives the same. One difference:
 Medusa pads a path shorter than the deepest with index -1, which reads an appended token
 0 and the last node's logits, so where token 0 clears the threshold after a short path's
 leaf, Medusa's accepted length runs past the leaf onto that phantom token; here a path
