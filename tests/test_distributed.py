@@ -202,6 +202,19 @@ def test_generate_rejects_bad_arguments_before_any_work(pair):
     assert pair.generate(prompts(1, 3), 4, seed=0).generation.lengths.tolist() == [4]
 
 
+def test_too_long_for_the_models_is_a_value_error():
+    with Pair(TARGET, DRAFT, timeout=TIMEOUT) as p:
+        with pytest.raises(ValueError, match="block_size"):
+            p.generate(prompts(1, 4), 200, seed=0)
+
+
+def test_speculative_one_call_equals_engine():
+    prompt = prompts(1, 4, seed=5)
+    kw = dict(gamma=2, warp=Warp(temperature=0.6), seed=8)
+    out = distributed.speculative(TARGET, DRAFT, prompt, 10, protocol="rejection_sampled", timeout=TIMEOUT, **kw)
+    assert_same(out, one_process("rejection_sampled", prompt, 10, **kw))
+
+
 def test_pair_rejects_bad_construction():
     with pytest.raises(ValueError, match="timeout"):
         Pair(TARGET, DRAFT, timeout=0)

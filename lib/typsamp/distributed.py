@@ -71,8 +71,8 @@ from typsamp.speculative import ExactMatch, RejectionSampling, expected_tokens
 from typsamp.typical import TypicalAcceptance
 
 __all__ = ["PROTOCOLS", "Protocol", "protocol", "Wire", "Traffic", "DistributedGeneration", "Pair",
-           "NetnsLink", "LinkSpec", "LINKS", "step_bytes", "netem_available", "can_make_namespaces", "bench",
-           "main"]
+           "NetnsLink", "LinkSpec", "LINKS", "step_bytes", "netem_available", "can_make_namespaces",
+           "clean_namespaces", "speculative", "bench", "main"]
 
 ID = torch.int32
 ID_BYTES = transfer.ID_BYTES
@@ -469,6 +469,7 @@ def _target_loop(wire: Wire, target, job: dict, V: int, p_dtype) -> dict:
     sampled = not spec.greedy
     ragged = bool((prompt_lengths != P).any())
     needed = P + max_new + gamma - 1
+    generate._fits(target, "target", needed, "for the target, the longest prompt + max_new_tokens + gamma - 1")
     compute = 0.0
     passes = 0
     start = time.perf_counter()
@@ -672,9 +673,13 @@ def _worker(rank: int, init: str, backend: str, env: dict, netns: str | None, sp
         results.put((rank, "ready", {"draft_vocab": draft_info[0], "target_vocab": target_info[0],
                                      "p_dtype": target_info[1], "q_dtype": draft_info[1]}))
         wire = Wire(1 - rank, delay, device)
+        import multiprocessing
+
+        parent = multiprocessing.parent_process()
         while True:
-            if not control.poll(timeout):
-                raise RuntimeError(f"rank {rank} got no job within {timeout:g} s")
+            while not control.poll(1.0):                 # idle for as long as the parent lives
+                if parent is not None and not parent.is_alive():
+                    raise RuntimeError(f"rank {rank}: the parent process is gone")
             job = control.recv()
             if job is None:
                 break
@@ -1053,6 +1058,21 @@ class NetnsLink:
         self.ready = False
 
 
+def clean_namespaces() -> list[str]:
+    """Delete namespaces a killed benchmark left behind (``typsamp<pid>a|b`` whose process
+    is gone); returns their names."""
+    import re
+
+    listed = _ip("ip", "netns", "list", check=False).stdout.split()
+    removed = []
+    for name in listed:
+        match = re.fullmatch(r"typsamp(\d+)[ab]", name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            _ip("ip", "netns", "del", name, check=False)
+            removed.append(name)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------
 # The benchmark: every protocol on every link with the real pair of chapter 9
 
@@ -1290,7 +1310,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=None)
     p.add_argument("--links", default=None, help=f"comma-separated, among {', '.join(s.name for s in LINKS)}")
     p.add_argument("--no-progress", action="store_true")
+    sub.add_parser("clean", help="delete network namespaces that a killed benchmark left behind (root)")
     args = parser.parse_args(argv)
+    if args.command == "clean":
+        print("removed: " + (", ".join(clean_namespaces()) or "nothing"))
+        return 0
     settings = {k: v for k, v in (("draft", args.draft), ("tokens", args.tokens), ("prompts", args.prompts))
                 if v is not None}
     links = tuple(x for x in args.links.split(",") if x) if args.links else None
