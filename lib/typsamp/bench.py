@@ -911,6 +911,180 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
     }
 
 
+def _decode_rate(make_run, rows_list, tokens: int, short: int):
+    """Summed decode rate over prompts: total (long - short) tokens / total time difference,
+    after one full-length warm-up run (see :func:`bench_llm`); ``make_run(rows)`` returns
+    ``run(n) -> (seconds, tokens, Generation)``. Returns (tokens/s, the long runs' outputs)."""
+    dn = dt = 0.0
+    outs = []
+    make_run(rows_list[0])(tokens)
+    for rows in rows_list:
+        run = make_run(rows)
+        t_s, n_s, _ = run(short)
+        t_l, n_l, out = run(tokens)
+        dn, dt = dn + n_l - n_s, dt + t_l - t_s
+        outs.append(out)
+    return dn / max(dt, 1e-9), outs
+
+
+#: Trees ``bench medusa`` times by default (names of :func:`typsamp.tree_acceptance.named_tree`).
+BENCH_TREES = ("chain3", "small", "full2x3", "mc_sim_7b_63")
+
+#: Settings of ``python -m typsamp.bench medusa`` (chapter 10); tests pass smaller ones.
+MEDUSA_SETTINGS = {
+    "tokens": 48,
+    "short": 6,
+    "prompts": 2,
+    "prompt_tokens": 64,
+    "temperatures": (0.0, 0.5, 0.7, 1.0),
+    "rules": ("typical", "exact"),
+    "repeats": 5,
+    "seed": 0,
+}
+
+
+def tree_pass_ms(model, spec, context: int, repeats: int = 5) -> float:
+    """Median time (ms) of one batch-1 tree pass: the last committed token and the
+    ``spec.n_nodes`` candidates of a :class:`typsamp.tree.TreeSpec` after ``context``
+    cached positions, with the tree's positions and ancestor mask (as the engine scores)."""
+    from typsamp import generate
+
+    layout = generate.tree(spec.parents)
+    T = spec.n_nodes + 1
+    model.setup_cache(1, context + T)
+    offsets = torch.full((1,), context, dtype=torch.long)
+    step = torch.zeros(1, T, dtype=torch.long)
+    with torch.inference_mode():
+        model(torch.zeros(1, context, dtype=torch.long), torch.zeros(1, dtype=torch.long), span=context)
+        return timed(lambda: model(step, offsets, span=context + T, depths=layout.depths,
+                                   ancestors=layout.ancestors), "cpu", repeats, min_seconds=0.0)
+
+
+def proposal_ms(proposer, target, context: int, repeats: int = 5) -> float:
+    """Median time (ms) of one batch-1 ``proposer.propose`` after ``context`` committed
+    tokens, for a proposer that reads the target's hidden states (Medusa's heads: the
+    heads, their top-k and the candidates), fed the target's real prefill states."""
+    prompt = torch.zeros(1, context, dtype=torch.long)
+    lengths = torch.full((1,), context, dtype=torch.long)
+    with torch.inference_mode():
+        proposer.start(prompt, lengths, max_new_tokens=8, gamma=1, warp=sampling.Warp())
+        target.setup_cache(1, context)
+        _, hidden = target(prompt[:, :-1], torch.zeros(1, dtype=torch.long), span=context - 1, return_hidden=True)
+        proposer.observe(hidden, lengths - 2)
+        return timed(lambda: proposer.propose(prompt, lengths, context, None), "cpu", repeats, min_seconds=0.0)
+
+
+def bench_medusa(target, heads, trees: dict, prompt_rows: torch.Tensor, *, settings: dict | None = None,
+                 prompt_names=None, progress: bool = True) -> dict:
+    """Medusa's heads on Gemma 3 270M: autoregressive decoding against tree decoding with
+    typical acceptance (Medusa's rule as shipped) and the exact tree rule (recursive
+    rejection), for each tree in ``trees`` (name -> :class:`typsamp.tree.TreeSpec`) and each
+    temperature, batch 1, on ``target`` (the model the heads read). Also the cost of a
+    tree pass against a one-token pass, and of the heads' proposal, per tree."""
+    from typsamp import generate, medusa, tree_acceptance
+
+    s = {**MEDUSA_SETTINGS, **(settings or {})}
+    unknown = set(s) - set(MEDUSA_SETTINGS)
+    if unknown:
+        raise ValueError(f"`settings` has unknown keys {sorted(unknown)}; use {sorted(MEDUSA_SETTINGS)}")
+    if not trees:
+        raise ValueError("`trees` is empty")
+    clock = time.perf_counter()
+    where = provenance.machine("cpu")
+    prompt_list = [prompt_rows[i:i + 1] for i in range(prompt_rows.shape[0])]
+    P = prompt_rows.shape[1]
+    context = P + s["tokens"] // 2
+    seed, tokens, short = s["seed"], s["tokens"], s["short"]
+    cells = len(s["temperatures"]) * (1 + len(trees) * len(s["rules"]))
+    bar = tqdm(total=cells, desc="medusa bench", disable=not progress)
+    one_ms = pass_ms(target, context, 1, repeats=s["repeats"])
+    costs = {}
+    for name, spec in trees.items():
+        proposer = medusa.MedusaProposer(heads, spec)
+        costs[name] = {"nodes": spec.n_nodes, "depth": spec.max_depth,
+                       "pass_ms": _sig(tree_pass_ms(target, spec, context, s["repeats"])),
+                       "heads_ms": _sig(proposal_ms(proposer, target, context, s["repeats"]))}
+        costs[name]["pass_ratio"] = _sig(costs[name]["pass_ms"] / one_ms)
+        costs[name]["heads_ratio"] = _sig(costs[name]["heads_ms"] / one_ms)
+    ar, rows = {}, []
+    for T in s["temperatures"]:
+        warp = sampling.Warp(temperature=T)
+
+        def ar_run(r):
+            def run(n):
+                out = generate.autoregressive(target, r, n, warp=warp, seed=seed)
+                return out.wall_time, int(out.lengths.sum()), out
+            return run
+        ar[T], _ = _decode_rate(ar_run, prompt_list, tokens, short)
+        rows.append({"method": "autoregressive", "temperature": T, "tokens_per_s": _sig(ar[T]),
+                     "ms_per_token": _sig(1e3 / ar[T])})
+        bar.update()
+        for name, spec in trees.items():
+            for rule_name in s["rules"]:
+                rule = tree_acceptance.rule_for(rule_name)
+
+                def spec_run(r):
+                    def run(n):
+                        out = generate.speculative(target, medusa.MedusaProposer(heads, spec), r, n, rule=rule,
+                                                   warp=warp, seed=seed)
+                        return out.wall_time, int(out.lengths.sum()), out
+                    return run
+                rate, outs = _decode_rate(spec_run, prompt_list, tokens, short)
+                steps = sum(o.steps for o in outs)
+                per_step = sum(int(o.lengths.sum()) for o in outs) / max(steps, 1)
+                c = costs[name]
+                predicted = per_step / (c["pass_ratio"] + c["heads_ratio"])
+                rows.append({"method": rule_name, "tree": name, "temperature": T, "tokens_per_s": _sig(rate),
+                             "ms_per_token": _sig(1e3 / rate), "tokens_per_step": _sig(per_step),
+                             "speedup_measured": _sig(rate / ar[T]), "speedup_predicted": _sig(predicted),
+                             "measured_over_predicted": _sig(rate / ar[T] / predicted)})
+                bar.update()
+    bar.close()
+    goals = _medusa_goals(rows)
+    return {
+        "benchmark": "Medusa heads on Gemma 3 270M on the CPU: typical acceptance and the exact tree rule "
+                     "against autoregressive decoding, per tree and temperature",
+        "command": f"python -m typsamp.bench medusa --threads {torch.get_num_threads()}",
+        "method": (f"batch 1, {len(prompt_list)} test prompts of {P} tokens (BOS + their last tokens), "
+                   f"tokens/s = (tokens of a {tokens}-token run - those of a {short}-token run) / time difference, "
+                   "summed over prompts, after a full-length warm-up; target "
+                   f"{target.model.embed_tokens.weight.dtype}; typical = TypicalAcceptance(0.09, 0.3, "
+                   "extra='greedy', entropy='medusa') (Medusa as shipped), exact = RejectionSampling() on the "
+                   "tree (recursive rejection over deterministic children). pass_ms: median of "
+                   f"{s['repeats']} tree passes (last token + nodes, tree mask) after {context} positions; "
+                   "heads_ms: median time of one proposal (heads + top-k + candidates); ratios over a "
+                   "one-token pass. speedup_predicted = tokens_per_step / (pass_ratio + heads_ratio)."),
+        "machine": where,
+        "versions": provenance.versions(),
+        "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+                     "threads": torch.get_num_threads(), "prompts": prompt_names},
+        "one_token_pass_ms": _sig(one_ms),
+        "trees": {name: {**costs[name], "choices": [list(c) for c in spec.choices]} for name, spec in trees.items()},
+        "heads": getattr(heads, "record", None),
+        "results": rows,
+        "goals": goals,
+        "seconds": round(time.perf_counter() - clock, 1),
+    }
+
+
+def _medusa_goals(rows: list[dict]) -> dict:
+    """Issue 13's speed goal: typical acceptance at T = 0.7 at least 2x autoregressive (best
+    tree), and the exact rule's best speed-up beside it."""
+    def best(method, T):
+        cells = [r for r in rows if r["method"] == method and r["temperature"] == T]
+        return max(cells, key=lambda r: r["speedup_measured"]) if cells else None
+    out = {}
+    typ, ex = best("typical", 0.7), best("exact", 0.7)
+    if typ is not None:
+        out["typical_t07_speedup"] = typ["speedup_measured"]
+        out["typical_t07_tree"] = typ["tree"]
+        out["typical_t07_at_least_2x"] = typ["speedup_measured"] >= 2.0
+    if ex is not None:
+        out["exact_t07_speedup"] = ex["speedup_measured"]
+        out["exact_t07_tree"] = ex["tree"]
+    return out
+
+
 def _llm_goals(result: dict, spec_dtype: str) -> dict:
     """Issue 12's goals, each {met, value, detail}, computed from the measurements above."""
     goals = {}
@@ -1156,7 +1330,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="the target of the speculative rows (default: bfloat16)")
     m.add_argument("--no-peer", action="store_true", help="skip the transformers comparisons")
     m.add_argument("--out", type=Path, default=None, help="output JSON (default: notebooks/results/llm_bench.json)")
-    for p in (v, g, d, c, m):
+    e = sub.add_parser("medusa", help="Medusa heads: typical and the exact tree rule against autoregressive")
+    e.add_argument("--tokens", type=int, default=MEDUSA_SETTINGS["tokens"],
+                   help=f"new tokens per timed run (default: {MEDUSA_SETTINGS['tokens']})")
+    e.add_argument("--prompts", type=int, default=MEDUSA_SETTINGS["prompts"],
+                   help=f"batch-1 test prompts (default: {MEDUSA_SETTINGS['prompts']})")
+    e.add_argument("--trees", default=None, help="comma-separated tree names of typsamp.tree (default: BENCH_TREES)")
+    e.add_argument("--out", type=Path, default=None, help="output JSON (default: notebooks/results/medusa_bench.json)")
+    for p in (v, g, d, c, m, e):
         p.add_argument("--threads", type=int, default=None,
                        help="torch intra-op threads (default: torch's choice, one per core)")
     argv = sys.argv[1:] if argv is None else argv
@@ -1192,6 +1373,25 @@ def main(argv: list[str] | None = None) -> None:
             print(key, json.dumps(result[key]))
         for row in result["autoregressive"] + result["speculative"]:
             print("  ".join(f"{k}={v}" for k, v in row.items() if k != "gamma_search"))
+        print(f"wrote {out}")
+        return
+
+    if args.command == "medusa":
+        from typsamp import gemma, medusa, tree_acceptance
+
+        names = args.trees.split(",") if args.trees else list(BENCH_TREES)
+        target = gemma.load(dtype=torch.bfloat16)
+        heads = medusa.load_heads(torch.bfloat16)
+        prompt_names, rows = llm_prompts(gemma.load_tokenizer(), args.prompts, MEDUSA_SETTINGS["prompt_tokens"])
+        result = bench_medusa(target, heads, {n: tree_acceptance.named_tree(n) for n in names}, rows, prompt_names=prompt_names,
+                              settings={"tokens": args.tokens, "prompts": args.prompts})
+        out = args.out or RESULTS / "medusa_bench.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print("trees", json.dumps(result["trees"]))
+        for row in result["results"]:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+        print("goals", json.dumps(result["goals"]))
         print(f"wrote {out}")
         return
 
