@@ -461,14 +461,9 @@ def test_a_chain_gives_the_chain_kernels_verdict(rule, dtype, seeds):
 VOCAB = 12
 
 
-def gpt(seed: int, noise: float = 0.0, base: GPT | None = None) -> GPT:
+def gpt(seed: int) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=128))
-    if base is not None:
-        model.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for w in model.parameters():
-                w.add_(torch.randn_like(w) * noise)
     with torch.no_grad():
         model.transformer.wte.weight.mul_(4.0)                   # sharper logits
     return model.double().eval()
@@ -510,9 +505,26 @@ class TopKTree:
         pass
 
 
+def noisy(model, noise: float, seed: int = 3):
+    """A copy of ``model`` with N(0, noise²) added to every weight: a draft that is often,
+    not always, right."""
+    out = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for w in out.parameters():
+            w.add_(torch.randn_like(w) * noise)
+    return out
+
+
 @pytest.fixture(scope="module")
 def target():
     return gpt(0)
+
+
+@pytest.fixture(scope="module")
+def gemma_target():
+    from tiny_gemma import random_gemma
+    return random_gemma()
 
 
 @pytest.mark.parametrize("rule", [RejectionSampling(), TypicalAcceptance(), ExactMatch()], ids=repr)
@@ -524,7 +536,7 @@ def test_greedy_tree_decoding_equals_greedy_autoregressive(target, rule, shape):
     greedy = Warp(temperature=0)
     new = 24 if shape == "small" else 12
     reference = generate.autoregressive(target, rows, new, warp=greedy)
-    for draft in (target, gpt(1, noise=0.15, base=target)):       # the target itself, a noisy copy
+    for draft in (target, noisy(target, 0.15)):                   # the target itself, a noisy copy
         out = generate.speculative(target, TopKTree(draft, spec), rows, new, rule=rule, warp=greedy)
         assert torch.equal(out.tokens, reference.tokens)
         assert out.gamma == spec.max_depth
@@ -532,11 +544,26 @@ def test_greedy_tree_decoding_equals_greedy_autoregressive(target, rule, shape):
     assert a.max() >= 1                                          # the noisy draft is right sometimes
 
 
+@pytest.mark.parametrize("rule", [RejectionSampling(), TypicalAcceptance(entropy="medusa")], ids=repr)
+@pytest.mark.parametrize("make", [tree.small, lambda: tree.full(2, 3)], ids=["small", "full_2_3"])
+def test_greedy_tree_decoding_on_gemma_equals_greedy_autoregressive(gemma_target, rule, make):
+    spec = make()
+    g = gen(22)
+    rows = [torch.randint(97, (n,), generator=g) for n in (5, 1, 9)]
+    greedy = Warp(temperature=0)
+    reference = generate.autoregressive(gemma_target, rows, 16, warp=greedy)
+    out = generate.speculative(gemma_target, TopKTree(noisy(gemma_target, 0.3), spec), rows, 16,
+                               rule=rule, warp=greedy)
+    assert torch.equal(out.tokens, reference.tokens)
+    a = out.accepted_lengths[out.accepted_lengths >= 0]
+    assert a.min() == 0 and a.max() >= 2                         # paths of several lengths were taken
+
+
 def test_sampled_tree_decoding_runs_and_stays_in_the_vocabulary(target):
     # At T = 1 the exact rule on a tree gives valid text of the asked length (its law is
     # tested above, one step at a time).
     rows = torch.randint(VOCAB, (2, 4), generator=gen(2))
-    out = generate.speculative(target, TopKTree(gpt(1, noise=0.15, base=target), tree.small()), rows, 16,
+    out = generate.speculative(target, TopKTree(noisy(target, 0.15), tree.small()), rows, 16,
                                rule=RejectionSampling(), warp=Warp(temperature=1.0), seed=[1, 2])
     assert out.tokens.shape == (2, 16) and bool(((out.tokens >= 0) & (out.tokens < VOCAB)).all())
     assert torch.equal(out.lengths, torch.tensor([16, 16]))
