@@ -235,6 +235,15 @@ def test_nan_draft_is_an_error_on_both_sides():
             p.generate(prompts(1, 4), 8, protocol="rejection_sampled", warp=Warp(temperature=1.0), seed=0)
 
 
+def test_warm_runs_and_leaves_generation_unchanged(pair):
+    prompt = prompts(1, 5, seed=2)
+    kw = dict(gamma=GAMMA, warp=Warp(temperature=0.8), seed=4)
+    assert pair.warm(5, 12, GAMMA) > 0
+    assert_same(pair.generate(prompt, 12, protocol="match_sampled", **kw), one_process("match_sampled", prompt, 12, **kw))
+    with pytest.raises(ValueError, match="gamma"):
+        pair.warm(5, 12, 0)
+
+
 def test_pingpong_returns_a_measurement(pair):
     """Timings are not asserted (the machine is shared); only their shape and sign."""
     m = pair.pingpong([8, 65536], repeats=3, warmup=1)

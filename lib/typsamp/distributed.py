@@ -646,6 +646,23 @@ def _pingpong(wire: Wire, rank: int, job: dict) -> dict:
     return {"samples": timed}
 
 
+def _warm(model, rank: int, job: dict) -> dict:
+    """Run every pass shape one batch-1 generation of this length can meet (each span with
+    each pass width: 1 and 2 tokens for the draft, γ + 1 for the target) once, so that
+    kernels built on first use of a shape (oneDNN on the CPU) are built before timing."""
+    P, n, g = job["prompt_tokens"], job["max_new_tokens"], job["gamma"]
+    limit = P + n + g + 1
+    widths = (1, 2) if rank == 0 else (g + 1,)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.setup_cache(1, limit)
+        for span in range(max(1, P - 2), limit + 1):
+            for T in widths:
+                if span >= T:
+                    model(torch.zeros(1, T, dtype=torch.long), torch.tensor([span - T]), span=span)
+    return {"seconds": time.perf_counter() - start}
+
+
 def _worker(rank: int, init: str, backend: str, env: dict, netns: str | None, spec, delay: float, device: str,
             control, results, timeout: float) -> None:
     """One rank: join the group, build its model, then serve jobs until told to stop."""
@@ -686,6 +703,8 @@ def _worker(rank: int, init: str, backend: str, env: dict, netns: str | None, sp
             try:
                 if job["kind"] == "pingpong":
                     out = _pingpong(wire, rank, job)
+                elif job["kind"] == "warm":
+                    out = _warm(model, rank, job)
                 else:
                     job = {**job, "prompt": job["prompt"].to(device), "prompt_lengths": job["prompt_lengths"].to(device)}
                     V = target_info[0]
@@ -885,6 +904,15 @@ class Pair:
         what = "loopback" if self.link is None else self.link.spec.describe()
         return transfer.Measurement(f"gloo send/recv ping-pong between the pair's ranks ({what})", sizes,
                                     tuple(tuple(s) for s in got[0]["samples"]), messages=2, reply_bytes=reply_bytes)
+
+    def warm(self, prompt_tokens: int, max_new_tokens: int, gamma: int) -> float:
+        """Run every pass shape a batch-1 generation of these sizes can meet once on each
+        rank (see :func:`_warm`); returns the slower rank's seconds."""
+        job = {"kind": "warm", "prompt_tokens": checks.integer("prompt_tokens", prompt_tokens, low=1),
+               "max_new_tokens": checks.integer("max_new_tokens", max_new_tokens, low=1),
+               "gamma": checks.integer("gamma", gamma, low=1)}
+        got = self._run(job)
+        return max(got[0]["seconds"], got[1]["seconds"])
 
     def close(self) -> None:
         for c in self.controls:
@@ -1229,6 +1257,7 @@ def bench(*, quick: bool = False, settings: dict | None = None, links: tuple[str
                        else fitted)
             bar.update(1)
             bar.set_postfix_str(f"{link_name}: warm-up")
+            warm_seconds = pair.warm(s["prompt_tokens"], s["tokens"], s["gamma"])
             pair.generate(rows_prompt[:1], s["tokens"], protocol="rejection_sampled_return_p", gamma=s["gamma"],
                           warp=warp, seed=s["seed"])
             bar.update(1)
@@ -1246,7 +1275,7 @@ def bench(*, quick: bool = False, settings: dict | None = None, links: tuple[str
                 row = _row(name, link_name, agg, base_runs[name], fitted, nominal, V, s["gamma"], d)
                 row["same_tokens_as_loopback"] = tokens == base_tokens[name]
                 rows.append(row)
-            entry = {"name": link_name, "ping_pong": measured,
+            entry = {"name": link_name, "ping_pong": measured, "warm_up_seconds": round(warm_seconds, 1),
                      "fitted": None if fitted is None else {"bandwidth_bytes_per_s": fitted.bandwidth,
                                                             "latency_s": fitted.latency},
                      "nominal": None if nominal is None else {"bandwidth_bytes_per_s": nominal.bandwidth,
@@ -1270,7 +1299,8 @@ def bench(*, quick: bool = False, settings: dict | None = None, links: tuple[str
             f"target: Gemma 3 270M in {s['target_dtype']} (typsamp.gemma.load), rank 1; draft: "
             f"{DRAFT_DESCRIPTIONS[s['draft']]}, rank 0; one torch thread per process. {len(names)} test prompt(s) "
             f"of {s['prompt_tokens']} tokens (typsamp.bench.llm_prompts), {s['tokens']} new tokens each, gamma "
-            f"{s['gamma']}, T = {s['temperature']}, seed {s['seed']} + prompt index; one warm-up generation per link. "
+            f"{s['gamma']}, T = {s['temperature']}, seed {s['seed']} + prompt index; per link, every pass shape of a generation run once on each rank "
+            "(Pair.warm: oneDNN builds a kernel per new shape) and one warm-up generation. "
             "tokens_per_s = new tokens / decode wall time on rank 0 (prefill excluded; with_prefill includes it). "
             "Bytes and legs (one-way runs of messages) counted by the loop itself. compute = forward passes and rule "
             "arithmetic on each rank; transfer_ms_per_step = decode time minus both ranks' compute. Model: "
