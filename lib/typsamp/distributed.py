@@ -848,7 +848,7 @@ class Pair:
                 raise RuntimeError(f"the two ranks did not answer within {self.timeout:g} s") from None
             if status == "error":
                 name, message, trace = value
-                self.close()
+                self.close(wait=1.0)                     # the peer may be stuck in a recv: do not wait long
                 if name in ("ValueError", "InputTypeError", "TypeError"):
                     raise ValueError(f"rank {rank}: {message}")
                 raise RuntimeError(f"rank {rank} failed: {name}: {message}\n{trace}")
@@ -914,12 +914,13 @@ class Pair:
         got = self._run(job)
         return max(got[0]["seconds"], got[1]["seconds"])
 
-    def close(self) -> None:
+    def close(self, wait: float = 5.0) -> None:
+        """Stop both processes: ask them to leave, wait up to ``wait`` s each, then terminate."""
         for c in self.controls:
             with contextlib.suppress(Exception):
                 c.send(None)
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=wait)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
