@@ -72,6 +72,8 @@ bench: $(INSTALLED)
 	$(BIN)/python -m typsamp.bench generate --threads 1
 	$(BIN)/python -m typsamp.bench decode --threads 1
 	$(BIN)/python -m typsamp.bench llm --threads 2
+	$(BIN)/python -m typsamp.bench medusa --threads 2
+	$(BIN)/python -m typsamp.distributed bench
 	@if $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
 		$(BIN)/python -m typsamp.bench verify --device cuda && \
 		$(BIN)/python -m typsamp.bench generate --device cuda && \

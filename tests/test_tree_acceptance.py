@@ -149,3 +149,24 @@ def test_bench_medusa_runs_and_records_every_cell(system):
         bench.bench_medusa(target, heads, trees, prompt_rows, settings={"gamma": 3})
     with pytest.raises(ValueError, match="`trees` is empty"):
         bench.bench_medusa(target, heads, {}, prompt_rows)
+
+
+def test_plots_tree_draws_every_node_and_edge():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from typsamp import plots
+
+    spec = tree.small()
+    fig, ax = plt.subplots()
+    plots.tree(ax, spec.parents, [str(c) for c in spec.choices], highlight=[0, 3])
+    assert len(ax.texts) == spec.n_nodes + 1                      # the root and every node
+    assert len(ax.lines) == spec.n_nodes                          # one edge per node
+    lit = [line for line in ax.lines if line.get_linewidth() > 2]
+    assert len(lit) == 2                                          # root -> (0,) -> (0, 0)
+    with pytest.raises(ValueError, match="must name the 10 nodes"):
+        plots.tree(ax, spec.parents, ["a"])
+    with pytest.raises(ValueError, match=r"`parents\[1\]` = 1"):
+        plots.tree(ax, [-1, 1])
+    plt.close(fig)
