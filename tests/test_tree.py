@@ -27,7 +27,7 @@ from typsamp import generate, tree
 from typsamp.generate import Proposal
 from typsamp.model import GPT, GPTConfig
 from typsamp.sampling import RowSeeds, Warp
-from typsamp.speculative import ExactMatch, RejectionSampling
+from typsamp.speculative import ExactMatch, RejectionSampling, tree_rejection_law
 from typsamp.typical import TypicalAcceptance
 
 F64 = torch.float64
@@ -612,3 +612,41 @@ def test_cuda_greedy_tree_verdicts_equal_the_cpus():
         there = rule.kernel(x.cuda(), None, p.cuda(), torch.Generator(device="cuda").manual_seed(1),
                             parents=cuda.parents)
         assert torch.equal(here.tokens, there.tokens.cpu()) and torch.equal(here.path, there.path.cpu())
+
+
+# --- the law functions the chapter uses -------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rejection_law_equals_the_target_law(seed):
+    spec = tree.TreeSpec.from_choices(random_choices(seed, n=3 + 2 * seed, width=3, depth=3))
+    N, V = spec.n_nodes, 4
+    g = gen(50 + seed)
+    p = torch.softmax(torch.randn(N + 1, V, generator=g, dtype=F64) * 1.5, -1)
+    p[0, 1] = 0                                                    # a token the root never emits
+    p = p / p.sum(-1, keepdim=True)
+    x = torch.randint(V, (N,), generator=g)                        # siblings may repeat tokens
+    rejection = tree_rejection_law(x, p, spec.parents)
+    target = tree.target_law(x, p, spec)
+    independent = walk_law(x.tolist(), p, spec.parents.tolist(), V)
+    assert set(rejection) == set(target) == {k for k, v in independent.items() if v > 0}
+    for k in target:
+        assert rejection[k] == pytest.approx(target[k], rel=1e-12, abs=1e-15)
+        assert target[k] == pytest.approx(independent[k], rel=1e-12)
+    assert sum(rejection.values()) == pytest.approx(1, abs=1e-12)
+
+
+def test_law_functions_check_their_input():
+    spec = tree.small()
+    x = torch.zeros(spec.n_nodes, dtype=torch.long)
+    p = torch.full((spec.n_nodes + 1, 3), 1 / 3)
+    with pytest.raises(ValueError, match="one row"):
+        tree.target_law(x[None], p, spec)
+    with pytest.raises(ValueError, match=r"needs `draft_tokens` \[10\]"):
+        tree.target_law(x[:3], p, spec)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 3\)"):
+        tree.target_law(x + 3, p, spec)
+    with pytest.raises(ValueError, match="target_probs"):
+        tree.target_law(x, p * 2, spec)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tree.target_law(x.tolist(), p, spec)

@@ -81,6 +81,7 @@ __all__ = [
     "verify_reference",
     "verify_match",
     "lenient_output_distribution",
+    "tree_rejection_law",
     "acceptance_rate",
     "expected_tokens",
     "speedup",
@@ -103,6 +104,8 @@ class RejectionSampling(Rule):
     ``lenience`` l in (0, 1]: 1 (default) is the exact rule; l < 1 is Leviathan et al.'s
     inexact relaxation (Appendix A.5; see the module docstring). ``draft_probs=None``
     means point-mass drafts. All arithmetic is float32 (float64 stays float64).
+    ``kernel(..., parents=parents)`` verifies a tree of deterministic candidates by
+    recursive rejection (module docstring, "Trees"; lenience 1 only).
     """
 
     lenience: float = 1.0
@@ -348,6 +351,45 @@ def verify_match(
     :func:`typsamp.generate.speculative`.
     """
     return ExactMatch().verify(draft_tokens, draft_probs, target_probs, generator, validate=validate)
+
+
+def tree_rejection_law(draft_tokens: torch.Tensor, target_probs: torch.Tensor, parents
+                       ) -> dict[tuple[int, ...], float]:
+    """The exact law of one :class:`RejectionSampling` step on one row's tree.
+
+    Every branch of recursive rejection is enumerated in float64: at node v the residual r
+    starts as p_v; child c_j (candidate order) is kept with probability r(x_j) / Σ r and the
+    walk goes on below it, else x_j is removed from r; after the last child the token comes
+    from r / Σ r; at a leaf from p_v. Returns {emitted tokens: probability} over outcomes of
+    positive probability. It equals :func:`typsamp.tree.target_law` (the target's own
+    walk), which is the exactness the chapter shows; ``tests/test_tree.py`` checks both.
+
+    Args: ``draft_tokens`` int64 [N], ``target_probs`` [N + 1, V], ``parents`` int64 [N]
+    or a :class:`typsamp.tree.TreeSpec`.
+    """
+    x, p, kids = tree.law_inputs(draft_tokens, target_probs, parents)
+    law: dict[tuple[int, ...], float] = {}
+
+    def add(tokens, prob):
+        if prob > 0:
+            law[tokens] = law.get(tokens, 0.0) + prob
+
+    def walk(v, prefix, prob):
+        residual = list(p[v + 1])
+        for c in kids[v + 1]:
+            total = sum(residual)
+            keep = residual[x[c]] / total if total > 0 else 0.0
+            if keep > 0:
+                walk(c, prefix + (x[c],), prob * keep)
+            prob *= 1 - keep
+            residual[x[c]] = 0.0
+        total = sum(residual)
+        if prob > 0 and total > 0:
+            for y, r in enumerate(residual):
+                add(prefix + (y,), prob * r / total)
+
+    walk(-1, (), 1.0)
+    return law
 
 
 def lenient_output_distribution(p: torch.Tensor, q: torch.Tensor, lenience: float) -> torch.Tensor:

@@ -39,6 +39,13 @@ the candidate node i follows, -1 for the root) into the tables the tree rules in
 device: children in candidate order, depths, root paths and the retrieve order. It reads
 ``parents`` back to the host once and caches the result on the tensor object, so a
 proposer that hands the same ``parents`` every step costs one synchronisation in total.
+:func:`check_step` and :func:`path_verdict` are the shape checks and the verdict assembly
+the tree kernels of :mod:`typsamp.speculative` and :mod:`typsamp.typical` share.
+
+:func:`target_law` is the law of what the target itself emits walking down one row's tree
+(draw y from p at the node, move to the child carrying y, else stop): every exact tree
+rule's verdict has it, :func:`typsamp.speculative.tree_rejection_law` computes recursive
+rejection's own law, and chapter 10 compares the two.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from typsamp import checks
 from typsamp.rules import Verdict, emit
 
 __all__ = ["TreeSpec", "Topology", "topology", "chain", "full", "small", "mc_sim_7b_63",
-           "MC_SIM_7B_63", "SMALL", "check_step", "path_verdict"]
+           "MC_SIM_7B_63", "SMALL", "check_step", "path_verdict", "target_law", "law_inputs"]
 
 #: Medusa's 63-node tree for Vicuna-7B: ``mc_sim_7b_63`` in ``medusa/model/medusa_choices.py``
 #: of FasterDecoding/Medusa at commit 11af0aa503437b40d45f5a47c001c43699b7ae52, as listed
@@ -348,3 +355,59 @@ def path_verdict(topo: Topology, draft_tokens: torch.Tensor, end: torch.Tensor,
     accepted = topo.depth[end + 1]
     out = emit(draft_tokens.gather(1, path.clamp(min=0)), accepted, extra)
     return Verdict(tokens=out.tokens, accepted=out.accepted, path=path)
+
+
+def law_inputs(draft_tokens, target_probs, parents):
+    """The checked inputs of the one-row law functions (:func:`target_law`,
+    :func:`typsamp.speculative.tree_rejection_law`): the tokens as a list, the rows of p
+    normalised in float64 as lists, and each node's children (row 0 the root's) as lists."""
+    checks.tensor("draft_tokens", draft_tokens)
+    checks.tensor("target_probs", target_probs, floating=True)
+    if draft_tokens.dtype != torch.long or draft_tokens.dim() != 1:
+        raise ValueError(f"`draft_tokens` must be int64 of shape [N] (one row), got {draft_tokens.dtype} "
+                         f"of shape {tuple(draft_tokens.shape)}")
+    topo = topology(parents)
+    N = topo.parents.numel()
+    if draft_tokens.numel() != N or target_probs.dim() != 2 or target_probs.shape[0] != N + 1:
+        raise ValueError(f"a tree of {N} candidates needs `draft_tokens` [{N}] and `target_probs` [{N + 1}, V], "
+                         f"got {tuple(draft_tokens.shape)} and {tuple(target_probs.shape)}")
+    checks.probs("target_probs", target_probs)
+    V = target_probs.shape[1]
+    x = draft_tokens.tolist()
+    if min(x) < 0 or max(x) >= V:
+        raise ValueError(f"`draft_tokens` must be token ids in [0, {V})")
+    p = target_probs.double().cpu()
+    p = (p / p.sum(dim=1, keepdim=True)).tolist()
+    kids = [[c for c in row if c >= 0] for row in topo.children.tolist()]
+    return x, p, kids
+
+
+def target_law(draft_tokens: torch.Tensor, target_probs: torch.Tensor, parents) -> dict[tuple[int, ...], float]:
+    """The law of what the target itself emits on one row's tree: the law every exact tree
+    rule's verdict must have.
+
+    The target walks down from the root: at node v it draws y ~ p_v (``target_probs[1 + v]``,
+    row 0 the root's); if a child of v carries y (the first such child, in candidate order)
+    it moves there and draws again, otherwise it stops. The emitted tokens are its draws
+    (the last one leaves the tree, or is drawn at a leaf). Returns {tokens: probability}
+    over every outcome of positive probability, in float64 (at most (N + 1) V outcomes).
+
+    Args: ``draft_tokens`` int64 [N], ``target_probs`` [N + 1, V] (rows normalised first),
+    ``parents`` int64 [N] or a :class:`TreeSpec`.
+    """
+    x, p, kids = law_inputs(draft_tokens, target_probs, parents)
+    law: dict[tuple[int, ...], float] = {}
+    stack = [(-1, (), 1.0)]
+    while stack:
+        v, prefix, prob = stack.pop()
+        follow = {}
+        for c in kids[v + 1]:
+            follow.setdefault(x[c], c)
+        for y, py in enumerate(p[v + 1]):
+            if py <= 0:
+                continue
+            if y in follow:
+                stack.append((follow[y], prefix + (y,), prob * py))
+            else:
+                law[prefix + (y,)] = prob * py
+    return law

@@ -185,6 +185,9 @@ class TypicalAcceptance(Rule):
         extra: ``"greedy"`` (Medusa's own: argmax p at the first failing position),
             ``"target"`` or ``"truncated"``.
         entropy: ``"exact"`` or ``"medusa"`` (−Σ p log(p + 1e-5), Medusa's code).
+
+    ``kernel(..., parents=parents)`` verifies a tree as Medusa's ``evaluate_posterior``
+    does (module docstring, "Trees").
     """
 
     epsilon: float = 0.09
