@@ -29,15 +29,15 @@ rule, "the first best path in retrieve order", is :attr:`Topology.retrieve`.
 
 Named trees: :func:`chain` (a single path, the chain case), :func:`full` (every
 combination up to a width and depth), :func:`small` (10 nodes, depth 4, sized for two CPU
-cores), and :func:`mc_sim_7b_63`, the 63-node tree Medusa ships for Vicuna-7B
-(``mc_sim_7b_63`` in ``medusa/model/medusa_choices.py`` at commit
+cores), and :func:`mc_sim_7b_63`, the 63-node tree Medusa ships under that name
+(in ``medusa/model/medusa_choices.py`` at commit
 11af0aa503437b40d45f5a47c001c43699b7ae52; the list of index paths is data and is
 reproduced as :data:`MC_SIM_7B_63`).
 
 :func:`topology` turns any ``parents`` tensor (the engine's form of a tree: ``parents[i]``
 the candidate node i follows, -1 for the root) into the tables the tree rules index on the
 device: children in candidate order, depths, root paths and the retrieve order. It reads
-``parents`` back to the host once and caches the result on the tensor object, so a
+``parents`` back to the host once and caches the result per tensor object, so a
 proposer that hands the same ``parents`` every step costs one synchronisation in total.
 :func:`check_step` and :func:`path_verdict` are the shape checks and the verdict assembly
 the tree kernels of :mod:`typsamp.speculative` and :mod:`typsamp.typical` share.
@@ -63,7 +63,7 @@ from typsamp.rules import Verdict, emit
 __all__ = ["TreeSpec", "Topology", "topology", "chain", "full", "small", "mc_sim_7b_63",
            "MC_SIM_7B_63", "SMALL", "check_step", "path_verdict", "target_law", "law_inputs"]
 
-#: Medusa's 63-node tree for Vicuna-7B: ``mc_sim_7b_63`` in ``medusa/model/medusa_choices.py``
+#: Medusa's 63-node tree ``mc_sim_7b_63`` in ``medusa/model/medusa_choices.py``
 #: of FasterDecoding/Medusa at commit 11af0aa503437b40d45f5a47c001c43699b7ae52, as listed
 #: there (unsorted; :meth:`TreeSpec.from_choices` sorts it as Medusa does).
 MC_SIM_7B_63 = (
