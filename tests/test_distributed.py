@@ -292,3 +292,25 @@ def test_shaped_link_gives_the_same_tokens_and_cleans_up(pair):
         assert out.added_delay >= 0.9 * legs * spec.delay
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listed for n in names)
+
+
+def fake_record() -> dict:
+    rates = dict(zip(PROTOCOLS, (2.0, 5.0, 6.0, 9.0, 8.0, 12.0)))
+    rows = [{"protocol": n, "link": "slow", "tokens_per_s": r, "predicted_tokens_per_s": r / 0.9,
+             "measured_over_predicted": 0.9, "bytes_per_token": 10.0, "alpha": 0.5, "transfer_fraction": 0.25}
+            for n, r in rates.items()]
+    return {"rows": rows}
+
+
+def test_answer_and_table_read_a_record():
+    record = fake_record()
+    got = distributed.answer(record)["slow"]
+    assert got["fastest_first"][0] == "typical_greedy" and got["fastest_first"][-1] == "rejection_sampled"
+    assert got["shipping_q_costs_more_than_it_buys"] is True
+    assert got["relative_to_shipping_q"]["rejection_sampled_return_p"] == pytest.approx(3.0)
+    text = distributed.table(record)
+    assert len(text.splitlines()) == 1 + len(PROTOCOLS) and "0.90" in text
+    with pytest.raises(ValueError, match="lacks rows"):
+        distributed.answer({"rows": record["rows"][:-1]})
+    with pytest.raises(ValueError, match="bench record"):
+        distributed.table([])

@@ -72,7 +72,7 @@ from typsamp.typical import TypicalAcceptance
 
 __all__ = ["PROTOCOLS", "Protocol", "protocol", "Wire", "Traffic", "DistributedGeneration", "Pair",
            "NetnsLink", "LinkSpec", "LINKS", "step_bytes", "netem_available", "can_make_namespaces",
-           "clean_namespaces", "speculative", "bench", "main"]
+           "clean_namespaces", "speculative", "bench", "answer", "table", "main"]
 
 ID = torch.int32
 ID_BYTES = transfer.ID_BYTES
@@ -1329,6 +1329,47 @@ def bench(*, quick: bool = False, settings: dict | None = None, links: tuple[str
     return record
 
 
+def answer(record: dict) -> dict:
+    """The chapter's one-table answer from a bench record, per link: the protocols fastest
+    first, whether shipping q costs more than it buys (the plain ``rejection_sampled``
+    slower than the better lazy protocol), and each ids-only protocol's and return-p's
+    tokens/s relative to the plain protocol."""
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        raise ValueError("`record` must be a distributed bench record (a dict with 'rows')")
+    out = {}
+    links = list(dict.fromkeys(r["link"] for r in record["rows"]))
+    for link in links:
+        rows = {r["protocol"]: r for r in record["rows"] if r["link"] == link}
+        missing = set(PROTOCOLS) - set(rows)
+        if missing:
+            raise ValueError(f"link {link!r} lacks rows for {sorted(missing)}")
+        rate = {name: rows[name]["tokens_per_s"] for name in PROTOCOLS}
+        plain = rate["rejection_sampled"]
+        lazy = max(rate["rejection_sampled_two_round"], rate["rejection_sampled_return_p"])
+        out[link] = {
+            "fastest_first": sorted(rate, key=lambda n: -rate[n]),
+            "shipping_q_costs_more_than_it_buys": plain < max(lazy, rate["rejection_greedy"], rate["typical_greedy"]),
+            "relative_to_shipping_q": {n: rate[n] / plain for n in PROTOCOLS},
+            "measured_over_predicted": {n: rows[n].get("measured_over_predicted") for n in PROTOCOLS},
+        }
+    return out
+
+
+def table(record: dict) -> str:
+    """The bench record as a text table: per (link, protocol) measured and predicted
+    tokens/s, bytes per token, alpha, and the transfer share of the decode time."""
+    answer(record)                                       # checks the record
+    lines = [f"{'link':<12} {'protocol':<28} {'tok/s':>6} {'model':>6} {'meas/model':>10} {'bytes/token':>12} "
+             f"{'alpha':>6} {'transfer':>8}"]
+    for r in record["rows"]:
+        pred = r.get("predicted_tokens_per_s")
+        model = "-" if pred is None else f"{pred:.2f}"
+        ratio = "-" if pred is None else f"{r['tokens_per_s'] / pred:.2f}"
+        lines.append(f"{r['link']:<12} {r['protocol']:<28} {r['tokens_per_s']:6.2f} {model:>6} {ratio:>10} "
+                     f"{r['bytes_per_token']:12,.0f} {r['alpha']:6.3f} {r['transfer_fraction']:8.0%}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m typsamp.distributed", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1350,12 +1391,9 @@ def main(argv: list[str] | None = None) -> int:
                 if v is not None}
     links = tuple(x for x in args.links.split(",") if x) if args.links else None
     record = bench(quick=args.quick, settings=settings, links=links, out=args.out, progress=not args.no_progress)
-    for row in record["rows"]:
-        pred = row.get("predicted_tokens_per_s")
-        print(f"{row['link']:>12} {row['protocol']:>28}: {row['tokens_per_s']:7.2f} tok/s "
-              f"(model {pred if pred is None else round(pred, 2)}), {row['bytes_per_token']:10.0f} B/token, "
-              f"alpha {row['alpha']:.3f}, same tokens {row['same_tokens_as_loopback']}")
-    print(f"{record['seconds']} s")
+    print(table(record))
+    same = all(r["same_tokens_as_loopback"] for r in record["rows"])
+    print(f"same tokens on every link: {same}; {record['seconds']} s")
     return 0
 
 
