@@ -25,6 +25,12 @@ One module per idea; each chapter of the book uses the modules named here:
   head, prompt lookup, layer skipping (chapter 9); :mod:`typsamp.distil` a small draft
   distilled from the target; :mod:`typsamp.acceptance` acceptance rate against temperature on
   the LLM for every draft and rule (a CLI whose JSON chapter 9 loads).
+* :mod:`typsamp.tree`  trees of candidates in Medusa's format and the tables the tree rules
+  index; :mod:`typsamp.medusa` Medusa-1 heads on the target, their self-distillation and
+  proposer; :mod:`typsamp.tree_acceptance` typical acceptance against the exact tree rule on
+  the heads (a CLI whose JSON chapter 10 loads).
+* :mod:`typsamp.distributed`  draft and target in two processes over ``torch.distributed``,
+  one protocol per rule, bytes counted, shaped links (chapter 7).
 * :mod:`typsamp.hf`  everything that touches ``transformers``: the adapter for any Hugging
   Face causal LM, weight conversion, the peer baseline of the benchmarks.
 * :mod:`typsamp.transfer`  what draft and target exchange under each rule, in bytes and time (chapter 7).
