@@ -223,3 +223,52 @@ def test_empty_batch_for_every_rule():
     for rule in ALL_RULES:
         v = rule.verify(x, q if rule.needs_draft_probs else None, p)
         assert v.tokens.shape == (0, 4) and v.accepted.shape == (0,)
+
+
+@pytest.mark.parametrize("rule", [RejectionSampling(), ExactMatch(), TypicalAcceptance(),
+                                  TypicalAcceptance(extra="target", entropy="medusa")])
+def test_verify_takes_a_tree_and_checks_it(rule):
+    from typsamp import tree
+
+    spec = tree.small()
+    B, N, V = 16, spec.n_nodes, 6
+    gen = torch.Generator().manual_seed(3)
+    p = torch.softmax(2 * torch.randn(B, N + 1, V, generator=gen), -1)
+    x = torch.randint(0, V, (B, N), generator=gen)
+    checked = rule.verify(x, None, p, torch.Generator().manual_seed(9), parents=spec)
+    raw = rule.kernel(x, None, p, torch.Generator().manual_seed(9), parents=spec.parents)
+    called = rule(x, None, p, torch.Generator().manual_seed(9), parents=spec.parents)
+    for v in (raw, called):
+        assert torch.equal(v.tokens, checked.tokens) and torch.equal(v.accepted, checked.accepted)
+        assert torch.equal(v.path, checked.path)
+    assert checked.path.shape == (B, spec.max_depth) and (checked.accepted > 0).any()
+    with pytest.raises(ValueError, match="a tree of 10 candidates needs `draft_tokens`"):
+        rule.verify(x[:, :4], None, p, parents=spec)
+    with pytest.raises(ValueError, match="sums to 2, not 1"):
+        rule.verify(x, None, p * 2, parents=spec)
+
+
+def test_a_chain_only_rule_refuses_a_tree():
+    @dataclasses.dataclass(frozen=True)
+    class ChainOnly(Rule):
+        name = "chain_only"
+
+        def kernel(self, draft_tokens, draft_probs, target_probs, generator):
+            raise AssertionError("not reached")
+
+    from typsamp import tree
+
+    x, _, p = random_step(2, 10, 5, 0)
+    with pytest.raises(ValueError, match="'chain_only' does not verify trees"):
+        ChainOnly().verify(x, None, p, parents=tree.small())
+
+
+def test_verify_checks_the_parents():
+    x, _, p = random_step(2, 3, 5, 0)
+    rule = TypicalAcceptance()
+    with pytest.raises(ValueError, match=r"`parents\[1\]` = 1 must lie in \[-1, 1\)"):
+        rule.verify(x, None, p, parents=torch.tensor([-1, 1, 0]))
+    with pytest.raises(ValueError, match="`parents` must be int64 of shape"):
+        rule.verify(x, None, p, parents=torch.tensor([-1.0, 0.0, 1.0]))
+    with pytest.raises(TypeError, match="parents"):
+        rule.verify(x, None, p, parents=[-1, 0, 1])

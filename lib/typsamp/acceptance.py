@@ -99,24 +99,10 @@ def _proposer(draft, method: str):
 
 def run_prompts(tokenizer, per_category: int = 2, prompt_tokens: int = 64,
                  categories=prompts.CATEGORIES) -> tuple[list[torch.Tensor], list[str]]:
-    """The prompts of a run: the first ``per_category`` test-split prompts of each
-    category, tokenised (BOS first) and cut to BOS + their last ``prompt_tokens - 1``
-    tokens. Returns (list of 1-D int64 tensors, their ``category/id`` names)."""
-    per_category = checks.integer("per_category", per_category, low=1)
-    prompt_tokens = checks.integer("prompt_tokens", prompt_tokens, low=2)
-    rows, names = [], []
-    for category in categories:
-        chosen = prompts.load(category, "test")[:per_category]
-        if len(chosen) < per_category:
-            raise ValueError(f"`per_category` ({per_category}) exceeds the {len(chosen)} test prompts "
-                             f"of {category!r}")
-        for prompt in chosen:
-            ids = tokenizer(prompt.text, return_tensors="pt").input_ids[0].long()
-            if ids.numel() > prompt_tokens:
-                ids = torch.cat([ids[:1], ids[-(prompt_tokens - 1):]])
-            rows.append(ids)
-            names.append(f"{category}/{prompt.id}")
-    return rows, names
+    """The prompts of a run: :func:`typsamp.prompts.tokenized` of the test split (the
+    first ``per_category`` prompts of each category, BOS + their last ``prompt_tokens -
+    1`` tokens). Returns (list of 1-D int64 tensors, their ``category/id`` names)."""
+    return prompts.tokenized(tokenizer, per_category, prompt_tokens, categories)
 
 
 def load_draft(name: str):

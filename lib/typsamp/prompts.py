@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-__all__ = ["Prompt", "CATEGORIES", "SEED", "SOURCES", "load", "counts", "source_path"]
+__all__ = ["Prompt", "CATEGORIES", "SEED", "SOURCES", "load", "counts", "source_path", "tokenized"]
 
 SEED = 20_260_601
 CATEGORIES = ("code", "mmlu_cot", "gsm8k", "shakespeare", "shakespeare_summary")
@@ -174,3 +174,30 @@ def load(category: str, split: str = "test") -> list[Prompt]:
 def counts() -> dict[str, dict[str, int]]:
     """Prompts per category and split."""
     return {c: {s: len(load(c, s)) for s in SPLITS} for c in CATEGORIES}
+
+
+def tokenized(tokenizer, per_category: int = 2, prompt_tokens: int = 64, categories=None,
+              split: str = "test"):
+    """The first ``per_category`` prompts of ``split`` in each category, tokenised (BOS
+    first, as the tokenizer adds it) and cut to BOS + their last ``prompt_tokens - 1``
+    tokens (long prompts are cut at the front, so each row continues real text where its
+    prompt ends). Returns (list of 1-D int64 tensors, their ``category/id`` names)."""
+    import torch
+
+    from typsamp import checks
+
+    per_category = checks.integer("per_category", per_category, low=1)
+    prompt_tokens = checks.integer("prompt_tokens", prompt_tokens, low=2)
+    rows, names = [], []
+    for category in (CATEGORIES if categories is None else categories):
+        chosen = load(category, split)[:per_category]
+        if len(chosen) < per_category:
+            raise ValueError(f"`per_category` ({per_category}) exceeds the {len(chosen)} {split} prompts "
+                             f"of {category!r}")
+        for prompt in chosen:
+            ids = tokenizer(prompt.text, return_tensors="pt").input_ids[0].long()
+            if ids.numel() > prompt_tokens:
+                ids = torch.cat([ids[:1], ids[-(prompt_tokens - 1):]])
+            rows.append(ids)
+            names.append(f"{category}/{prompt.id}")
+    return rows, names

@@ -144,6 +144,28 @@ def emit(draft_tokens: torch.Tensor, accepted: torch.Tensor, extra: torch.Tensor
     return Verdict(tokens=tokens, accepted=accepted)
 
 
+def _check_parents(parents, draft_tokens, validate: bool) -> torch.Tensor:
+    """``parents`` (int64 [N], on the tokens' device, N = the candidates per row; with
+    ``validate`` also ``-1 <= parents[i] < i``, a host read). The shapes of the
+    probabilities are :func:`check_step`'s: a tree of N candidates has N + 1 rows of p."""
+    checks.tensor("parents", parents)
+    if parents.dtype != torch.long or parents.dim() != 1:
+        raise ValueError(f"`parents` must be int64 of shape [N], got {parents.dtype} of shape "
+                         f"{tuple(parents.shape)}")
+    if isinstance(draft_tokens, torch.Tensor) and draft_tokens.dim() == 2:
+        N = parents.numel()
+        if draft_tokens.shape[1] != N:
+            raise ValueError(f"a tree of {N} candidates needs `draft_tokens` of shape [B, {N}], got "
+                             f"{tuple(draft_tokens.shape)}")
+        if parents.device != draft_tokens.device:
+            raise ValueError(f"`parents` is on {parents.device} but `draft_tokens` on {draft_tokens.device}")
+    if validate:
+        for i, up in enumerate(parents.tolist()):
+            if not -1 <= up < i:
+                raise ValueError(f"`parents[{i}]` = {up} must lie in [-1, {i}): a parent comes before its child")
+    return parents
+
+
 class Rule:
     """A verification rule: the interface :func:`typsamp.generate.speculative` calls.
 
@@ -167,8 +189,15 @@ class Rule:
     supports_tree: ClassVar[bool] = False
 
     def verify(self, draft_tokens, draft_probs, target_probs, generator=None, *,
-               validate: bool = True) -> Verdict:
+               parents=None, validate: bool = True) -> Verdict:
         """Check the inputs (:func:`check_step`), then run :meth:`kernel`.
+
+        With ``parents`` (int64 [N], or anything with a ``parents`` tensor such as a
+        :class:`typsamp.tree.TreeSpec`) the N candidates
+        form a tree (:mod:`typsamp.tree`): ``target_probs`` is then [B, N+1, V] with row 0
+        the distribution after the last committed token and row 1 + i the one after
+        candidate i, and the verdict carries ``path``. A rule whose ``supports_tree`` is
+        False refuses a tree with a ``ValueError``.
 
         Args:
             draft_tokens: int64 [B, γ].
@@ -176,8 +205,13 @@ class Rule:
                 read q accept a tensor (checked as a tensor) and ignore it.
             target_probs: [B, γ+1, V], the target's warped distributions.
             generator: ``None``, a ``torch.Generator`` or a :class:`typsamp.rng.RowSeeds`.
+            parents: None (a chain) or the tree's parents (see above).
             validate: check values too (reads them back to the host); shapes always.
         """
+        if parents is not None:
+            if not self.supports_tree:
+                raise ValueError(f"the rule {self.name!r} does not verify trees (its supports_tree is False)")
+            parents = _check_parents(getattr(parents, "parents", parents), draft_tokens, validate)
         if self.needs_draft_probs:
             check_step(draft_tokens, draft_probs, target_probs, generator, validate)
         else:
@@ -185,12 +219,15 @@ class Rule:
                 raise checks.InputTypeError(
                     f"`draft_probs` must be a tensor or None, got {type(draft_probs).__name__}")
             check_step(draft_tokens, None, target_probs, generator, validate)
+        if parents is not None:
+            return self.kernel(draft_tokens, draft_probs, target_probs, generator, parents=parents)
         return self.kernel(draft_tokens, draft_probs, target_probs, generator)
 
     def __call__(self, draft_tokens, draft_probs, target_probs, generator=None, *,
-                 validate: bool = True) -> Verdict:
+                 parents=None, validate: bool = True) -> Verdict:
         """Same as :meth:`verify`."""
-        return self.verify(draft_tokens, draft_probs, target_probs, generator, validate=validate)
+        return self.verify(draft_tokens, draft_probs, target_probs, generator, parents=parents,
+                           validate=validate)
 
     def kernel(self, draft_tokens, draft_probs, target_probs, generator) -> Verdict:
         """The rule itself, with no checks and no host synchronisation (the engine's hot path)."""

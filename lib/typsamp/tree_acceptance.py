@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from typsamp import acceptance, checks, generate, provenance, sampling, speculative, stats, typical
+from typsamp import checks, generate, prompts, provenance, sampling, speculative, stats, typical
 
 __all__ = ["METHODS", "TEMPERATURES", "OUT", "DEFAULT_TREE", "named_tree", "rule_for", "position_laws",
            "measure", "diversity", "run", "main"]
@@ -216,7 +216,7 @@ def run(tree_name: str | None = None, temperatures=TEMPERATURES, *, per_category
     name = tree_name or DEFAULT_TREE
     spec = named_tree(name)
     proposer = medusa.MedusaProposer(heads, spec)
-    rows, names = acceptance.run_prompts(tokenizer, per_category, prompt_tokens)
+    rows, names = prompts.tokenized(tokenizer, per_category, prompt_tokens)
     eos = target.config.eos_token_id
     cells = [(m, T) for T in temperatures for m in METHODS]
     results, spread = [], []
