@@ -6,6 +6,7 @@ quantity it records is recomputed independently on a model small enough to check
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -129,17 +130,22 @@ def test_bench_medusa_runs_and_records_every_cell(system):
     target, heads = system
     prompt_rows = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
     trees = {"chain2": tree.chain(2), "small": tree.small()}
-    out = bench.bench_medusa(target, heads, trees, prompt_rows, progress=False,
+    reference = copy.deepcopy(target).double()
+    out = bench.bench_medusa(target, heads, trees, prompt_rows, progress=False, reference=reference,
                              settings={"tokens": 8, "short": 2, "temperatures": (0.0, 0.7), "repeats": 1})
     cells = out["results"]
-    assert len(cells) == 2 * (1 + 2 * 2)
+    assert len(cells) == 2 * (2 + 2 * 2)
     assert {(r["method"], r.get("tree")) for r in cells} == {("autoregressive", None)} | {
         (m, t) for m in ("typical", "exact") for t in trees}
     for r in cells:
         assert r["tokens_per_s"] > 0
         if r["method"] != "autoregressive":
-            ar = next(a for a in cells if a["method"] == "autoregressive" and a["temperature"] == r["temperature"])
-            assert math.isclose(r["speedup_measured"], r["tokens_per_s"] / ar["tokens_per_s"], rel_tol=1e-3)
+            ar = [a for a in cells if a["method"] == "autoregressive" and a["temperature"] == r["temperature"]]
+            own = next(a for a in ar if not a.get("reference"))
+            assert own["dtype"] == "torch.float32" and {a["dtype"] for a in ar} == {"torch.float32", "torch.float64"}
+            assert math.isclose(r["speedup_measured"], r["tokens_per_s"] / own["tokens_per_s"], rel_tol=1e-3)
+            best = max(a["tokens_per_s"] for a in ar)
+            assert math.isclose(r["speedup_over_best_autoregressive"], r["tokens_per_s"] / best, rel_tol=1e-3)
             assert 1 <= r["tokens_per_step"] <= trees[r["tree"]].max_depth + 1
     for name, spec in trees.items():
         assert out["trees"][name]["nodes"] == spec.n_nodes and out["trees"][name]["pass_ms"] > 0

@@ -975,12 +975,17 @@ def proposal_ms(proposer, target, context: int, repeats: int = 5) -> float:
 
 
 def bench_medusa(target, heads, trees: dict, prompt_rows: torch.Tensor, *, settings: dict | None = None,
-                 prompt_names=None, progress: bool = True) -> dict:
+                 prompt_names=None, reference=None, progress: bool = True) -> dict:
     """Medusa's heads on Gemma 3 270M: autoregressive decoding against tree decoding with
     typical acceptance (Medusa's rule as shipped) and the exact tree rule (recursive
     rejection), for each tree in ``trees`` (name -> :class:`typsamp.tree.TreeSpec`) and each
     temperature, batch 1, on ``target`` (the model the heads read). Also the cost of a
-    tree pass against a one-token pass, and of the heads' proposal, per tree."""
+    tree pass against a one-token pass, and of the heads' proposal, per tree.
+
+    ``reference``: None, or another model of the same weights (the float32 target, when
+    ``target`` is bfloat16) whose autoregressive rate is also measured at each temperature:
+    the speed-ups are then also stated over the faster of the two autoregressive decoders
+    (``speedup_over_best_autoregressive``), so a slow baseline cannot flatter them."""
     from typsamp import generate, medusa, tree_acceptance
 
     s = {**MEDUSA_SETTINGS, **(settings or {})}
@@ -1017,7 +1022,19 @@ def bench_medusa(target, heads, trees: dict, prompt_rows: torch.Tensor, *, setti
             return run
         ar[T], _ = _decode_rate(ar_run, prompt_list, tokens, short)
         rows.append({"method": "autoregressive", "temperature": T, "tokens_per_s": _sig(ar[T]),
-                     "ms_per_token": _sig(1e3 / ar[T])})
+                     "ms_per_token": _sig(1e3 / ar[T]), "dtype": str(target.model.embed_tokens.weight.dtype)})
+        best = ar[T]
+        if reference is not None:
+            def ref_run(r):
+                def run(n):
+                    out = generate.autoregressive(reference, r, n, warp=warp, seed=seed)
+                    return out.wall_time, int(out.lengths.sum()), out
+                return run
+            ref_rate, _ = _decode_rate(ref_run, prompt_list, tokens, short)
+            rows.append({"method": "autoregressive", "temperature": T, "tokens_per_s": _sig(ref_rate),
+                         "ms_per_token": _sig(1e3 / ref_rate),
+                         "dtype": str(reference.model.embed_tokens.weight.dtype), "reference": True})
+            best = max(best, ref_rate)
         bar.update()
         for name, spec in trees.items():
             for rule_name in s["rules"]:
@@ -1037,7 +1054,8 @@ def bench_medusa(target, heads, trees: dict, prompt_rows: torch.Tensor, *, setti
                 rows.append({"method": rule_name, "tree": name, "temperature": T, "tokens_per_s": _sig(rate),
                              "ms_per_token": _sig(1e3 / rate), "tokens_per_step": _sig(per_step),
                              "speedup_measured": _sig(rate / ar[T]), "speedup_predicted": _sig(predicted),
-                             "measured_over_predicted": _sig(rate / ar[T] / predicted)})
+                             "measured_over_predicted": _sig(rate / ar[T] / predicted),
+                             "speedup_over_best_autoregressive": _sig(rate / best)})
                 bar.update()
     bar.close()
     goals = _medusa_goals(rows)
@@ -1059,6 +1077,7 @@ def bench_medusa(target, heads, trees: dict, prompt_rows: torch.Tensor, *, setti
         "settings": {**{k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
                      "threads": torch.get_num_threads(), "prompts": prompt_names},
         "one_token_pass_ms": _sig(one_ms),
+        "target_dtype": str(target.model.embed_tokens.weight.dtype),
         "trees": {name: {**costs[name], "choices": [list(c) for c in spec.choices]} for name, spec in trees.items()},
         "heads": getattr(heads, "record", None),
         "results": rows,
@@ -1381,9 +1400,10 @@ def main(argv: list[str] | None = None) -> None:
 
         names = args.trees.split(",") if args.trees else list(BENCH_TREES)
         target = gemma.load(dtype=torch.bfloat16)
-        heads = medusa.load_heads(torch.bfloat16)
+        heads = medusa.load_heads(torch.bfloat16, target=target)
         prompt_names, rows = llm_prompts(gemma.load_tokenizer(), args.prompts, MEDUSA_SETTINGS["prompt_tokens"])
-        result = bench_medusa(target, heads, {n: tree_acceptance.named_tree(n) for n in names}, rows, prompt_names=prompt_names,
+        result = bench_medusa(target, heads, {n: tree_acceptance.named_tree(n) for n in names}, rows,
+                              prompt_names=prompt_names, reference=gemma.load(dtype=torch.float32),
                               settings={"tokens": args.tokens, "prompts": args.prompts})
         out = args.out or RESULTS / "medusa_bench.json"
         out.parent.mkdir(parents=True, exist_ok=True)
