@@ -142,6 +142,25 @@ def test_counted_bytes_are_step_bytes(pair, name):
     assert out.bytes == sum(u + d for u, d, _ in expected)
 
 
+@pytest.mark.parametrize("name", ["rejection_sampled_two_round", "rejection_sampled_return_p", "match_sampled"])
+def test_counted_bytes_in_a_batch_whose_rows_end_apart(pair, name):
+    """Rows that are done ride along (their ids travel) but get no row of q or p."""
+    rows = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (2, 5, 3)]
+    out = pair.generate(rows, 18, protocol=name, gamma=GAMMA, warp=Warp(temperature=0.9), seed=[5, 6, 7],
+                        eos_token_id=4, **typical_kw(name))
+    a = out.generation.accepted_lengths
+    assert ((a < 0).any(dim=1)).any(), "no step with a finished row: the test does not exercise it"
+    rejected = ((a >= 0) & (a < GAMMA)).sum(dim=1).tolist()
+    lazy = PROTOCOLS[name].wire == "return_p"
+    expected, pending = [], 0
+    for r in rejected:
+        expected.append(step_bytes(name, 3, GAMMA, V, r, pending=pending))
+        pending = r if lazy else 0
+    if pending:
+        expected.append((pending * transfer.ID_BYTES, 0, 1))
+    assert list(zip(out.up.tolist(), out.down.tolist(), out.legs.tolist())) == [tuple(e) for e in expected]
+
+
 @pytest.mark.parametrize("name", list(PROTOCOLS))
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.9])
 def test_step_bytes_average_to_the_payload_model(name, alpha):

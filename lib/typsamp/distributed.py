@@ -138,7 +138,9 @@ def step_bytes(name: str, B: int, gamma: int, V: int, rejected: int, *, pending:
                value_bytes: int = 4) -> tuple[int, int, int]:
     """(up, down, legs) of one step on the wire, given its outcome.
 
-    ``rejected`` rows of ``B`` rejected a draft this step; ``pending`` rows had their
+    ``rejected`` of the ``B`` rows still generating rejected a draft this step (rows that
+    are done ride along in the batch, as in the engine: their ids travel, but no row of
+    q or p is sent for them); ``pending`` rows had their
     residual token drawn by the draft in the previous step (``return_p`` only: it travels
     with this step's drafts). ``legs`` counts one-way legs (a direction change), which is
     what pays the latency; messages sent back to back in one direction share a leg.
@@ -408,23 +410,24 @@ def _draft_loop(wire: Wire, draft, job: dict, V: int, p_dtype) -> dict:
             if int(a.min()) < 0:
                 raise _not_finite("target", step)
             rejected = a < gamma
+            need = rejected & book.active                # rows done already commit nothing: no rows for them
             t = time.perf_counter()
             if spec.wire in ("q", "ids"):
                 extra = wire.recv((B,), ID).long()
                 _replay_rule_draws(spec.rule, B, gamma, p_dtype, sampled, generator, prompt.device)
             elif spec.wire == "two_round":
-                k = int(rejected.sum())
+                k = int(need.sum())
                 if k:
-                    rows = rejected.nonzero().squeeze(1)
+                    rows = need.nonzero().squeeze(1)
                     wire.send(qn[rows, a[rows]])
                     wire.count_leg_received()
                 extra = wire.recv((B,), ID).long()
                 _replay_rule_draws(spec.rule, B, gamma, p_dtype, sampled, generator, prompt.device)
             else:                                        # return_p
-                k = int(rejected.sum())
+                k = int(need.sum())
                 extra = torch.full((B,), -1, dtype=torch.long, device=prompt.device)
-                kept = (~rejected).nonzero().squeeze(1)
-                rows = rejected.nonzero().squeeze(1)
+                kept = (~need).nonzero().squeeze(1)
+                rows = need.nonzero().squeeze(1)
                 if B - k:
                     extra[kept] = wire.recv((B - k,), ID).long()
                 p_rows = _from_int(wire.recv((k * V * p_dtype.itemsize // 4,), ID), p_dtype).view(k, V) if k else None
@@ -538,8 +541,9 @@ def _target_loop(wire: Wire, target, job: dict, V: int, p_dtype) -> dict:
                 rows_b = torch.arange(B, device=device)
                 p_n = pn[rows_b, a]
                 rejected = a < gamma
-                k = int(rejected.sum())
-                rows = rejected.nonzero().squeeze(1)
+                need = rejected & book.active            # rows done already commit nothing: no rows for them
+                k = int(need.sum())
+                rows = need.nonzero().squeeze(1)
                 compute += time.perf_counter() - t
                 if spec.wire == "two_round":
                     wire.send(a.to(ID))
@@ -556,7 +560,7 @@ def _target_loop(wire: Wire, target, job: dict, V: int, p_dtype) -> dict:
                     t = time.perf_counter()
                     extra = sampling.sample_weights(p_n, generator)
                     compute += time.perf_counter() - t
-                    kept = (~rejected).nonzero().squeeze(1)
+                    kept = (~need).nonzero().squeeze(1)
                     wire.send(a.to(ID))
                     if B - k:
                         wire.send(extra[kept].to(ID))
