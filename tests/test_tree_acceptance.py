@@ -176,3 +176,22 @@ def test_plots_tree_draws_every_node_and_edge():
     with pytest.raises(ValueError, match=r"`parents\[1\]` = 1"):
         plots.tree(ax, [-1, 1])
     plt.close(fig)
+
+
+def test_same_as_autoregressive_reports_the_first_difference(system):
+    target, heads = system
+    proposer = medusa.MedusaProposer(heads, tree.small())
+    greedy = sampling.Warp(temperature=0)
+    reference = generate.autoregressive(target, rows(1), NEW, warp=greedy)
+    out = generate.speculative(target, proposer, rows(1), NEW, rule=tree_acceptance.rule_for("exact"), warp=greedy)
+    report = tree_acceptance.same_as_autoregressive(target, rows(1), out, reference)
+    assert report == {"rows": 3, "identical_rows": 3, "differences": []}
+    # a row changed at position 4: reported there, with the gap of the target's top two logits
+    changed = copy.deepcopy(out)
+    changed.tokens[1, 4] = (changed.tokens[1, 4] + 1) % 97
+    report = tree_acceptance.same_as_autoregressive(target, rows(1), changed, reference)
+    assert report["identical_rows"] == 2 and [d["row"] for d in report["differences"]] == [1]
+    d = report["differences"][0]
+    prefix = torch.cat([rows(1)[1], reference.tokens[1, :4]])
+    top2 = stats.teacher_forced_logits(target, prefix[None])[0, -1].topk(2).values
+    assert d["position"] == 4 and math.isclose(d["gap"], float(top2[0] - top2[1]), rel_tol=1e-5)

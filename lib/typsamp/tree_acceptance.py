@@ -57,7 +57,7 @@ import torch
 from typsamp import checks, generate, prompts, provenance, sampling, speculative, stats, typical
 
 __all__ = ["METHODS", "TEMPERATURES", "OUT", "DEFAULT_TREE", "named_tree", "rule_for", "position_laws",
-           "measure", "diversity", "run", "main"]
+           "measure", "same_as_autoregressive", "diversity", "run", "main"]
 
 #: Method -> how it decodes (see the module docstring).
 METHODS = {
@@ -179,6 +179,27 @@ def measure(target, proposer, prompt_rows: list[torch.Tensor], method: str, T: f
     return cell, out
 
 
+@torch.inference_mode()
+def same_as_autoregressive(target, prompt_rows: list[torch.Tensor], out, reference) -> dict:
+    """Greedy tree decoding (``out``) against greedy autoregressive decoding
+    (``reference``) of the same rows: how many rows are identical, and for each row that
+    is not, the target's gap between its two largest logits at the first difference (one
+    teacher-forced pass over the common prefix). Tree and one-token passes sum in
+    different orders, so they may part only where that gap is within rounding."""
+    gaps = []
+    for b, prompt in enumerate(prompt_rows):
+        a = out.tokens[b, :int(out.lengths[b])].tolist()
+        r = reference.tokens[b, :int(reference.lengths[b])].tolist()
+        if a == r:
+            continue
+        first = next((i for i in range(min(len(a), len(r))) if a[i] != r[i]), min(len(a), len(r)))
+        target.clear_cache()
+        logits = target(torch.cat([prompt, torch.tensor(r[:first], dtype=torch.long)])[None])[0, -1].float()
+        top2 = logits.topk(2).values
+        gaps.append({"row": b, "position": first, "gap": float(top2[0] - top2[1])})
+    return {"rows": len(prompt_rows), "identical_rows": len(prompt_rows) - len(gaps), "differences": gaps}
+
+
 def diversity(target, proposer, prompt: torch.Tensor, method: str, T: float, tokenizer, *, samples: int = 6,
               new_tokens: int = 32, seed: int = 0, eos_token_id=None) -> dict:
     """``samples`` generations of one prompt (seeds ``seed .. seed + samples - 1``): the
@@ -219,12 +240,18 @@ def run(tree_name: str | None = None, temperatures=TEMPERATURES, *, per_category
     rows, names = prompts.tokenized(tokenizer, per_category, prompt_tokens)
     eos = target.config.eos_token_id
     cells = [(m, T) for T in temperatures for m in METHODS]
-    results, spread = [], []
+    results, spread, outs = [], [], {}
     for method, T in tqdm(cells, desc="tree rules", disable=not progress):
-        cell, _ = measure(target, proposer, rows, method, T, new_tokens=new_tokens, seed=seed, eos_token_id=eos)
+        cell, outs[method, T] = measure(target, proposer, rows, method, T, new_tokens=new_tokens, seed=seed,
+                                        eos_token_id=eos)
         results.append(cell)
         spread.append(diversity(target, proposer, rows[0], method, T, tokenizer, samples=samples,
                                 new_tokens=new_tokens, seed=seed, eos_token_id=eos))
+    greedy = {}
+    if 0.0 in [float(T) for T in temperatures]:
+        for method in METHODS:
+            if method != "autoregressive":
+                greedy[method] = same_as_autoregressive(target, rows, outs[method, 0.0], outs["autoregressive", 0.0])
     return {
         "benchmark": "typical acceptance against the exact tree rule on Medusa heads, Gemma 3 270M (bfloat16)",
         "command": (f"python -m typsamp.tree_acceptance --tree {name} --temperatures "
@@ -244,6 +271,7 @@ def run(tree_name: str | None = None, temperatures=TEMPERATURES, *, per_category
         "wall_seconds": round(time.perf_counter() - start, 1),
         "results": results,
         "diversity": spread,
+        "greedy_equals_autoregressive": greedy,
     }
 
 
