@@ -632,10 +632,10 @@ def _unpack_generation(d: dict) -> generate.Generation:
 def _pingpong(wire: Wire, rank: int, job: dict) -> dict:
     import torch.distributed as dist  # noqa: F401  (the wire uses it)
 
-    reply = torch.zeros(job["reply_bytes"], dtype=torch.uint8)
+    reply = torch.zeros(job["reply_bytes"], dtype=torch.uint8, device=wire.device)
     timed = []
     for n in job["sizes"]:
-        message = torch.zeros(n, dtype=torch.uint8)
+        message = torch.zeros(n, dtype=torch.uint8, device=wire.device)
         samples = []
         for _ in range(job["warmup"] + job["repeats"]):
             if rank == 0:
@@ -663,7 +663,8 @@ def _warm(model, rank: int, job: dict) -> dict:
         for span in range(max(1, P - 2), limit + 1):
             for T in widths:
                 if span >= T:
-                    model(torch.zeros(1, T, dtype=torch.long), torch.tensor([span - T]), span=span)
+                    model(torch.zeros(1, T, dtype=torch.long, device=job["device"]),
+                          torch.tensor([span - T], device=job["device"]), span=span)
     return {"seconds": time.perf_counter() - start}
 
 
@@ -708,7 +709,7 @@ def _worker(rank: int, init: str, backend: str, env: dict, netns: str | None, sp
                 if job["kind"] == "pingpong":
                     out = _pingpong(wire, rank, job)
                 elif job["kind"] == "warm":
-                    out = _warm(model, rank, job)
+                    out = _warm(model, rank, {**job, "device": device})
                 else:
                     job = {**job, "prompt": job["prompt"].to(device), "prompt_lengths": job["prompt_lengths"].to(device)}
                     V = target_info[0]

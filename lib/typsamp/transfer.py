@@ -58,6 +58,10 @@ token, divide by the expected tokens per step E = (1 - α^{γ+1}) / (1 - α)
 (:func:`typsamp.speculative.expected_tokens`); :func:`break_even` says how much compute
 per step makes a rule that accepts more, but moves more, the faster one.
 
+The model is checked against the real thing by :mod:`typsamp.distributed`, which runs
+each protocol with the draft and the target in two processes and counts the bytes each
+step moves (they are exactly this payload for the step's outcome).
+
 :data:`LINKS` holds nominal figures for common links; :func:`measure_loopback` measures a
 real socket between two processes with ``torch.distributed`` (gloo over TCP on
 127.0.0.1), :func:`measure_pcie` a host-to-GPU copy where CUDA is present, and
