@@ -1313,7 +1313,10 @@ def bench(*, quick: bool = False, settings: dict | None = None, links: tuple[str
             "E(alpha, gamma) / (compute per step on loopback + m*lambda + bytes/beta), with alpha this protocol's "
             "measured acceptance rate (identical tokens on every link), payload from typsamp.transfer.payload, and "
             "lambda, beta fitted (typsamp.transfer.fit_link, fastest of the repeats) to a ping-pong on the same "
-            "link; _nominal_link uses the link's rate and loopback's latency plus the added delay. Shaped links: "
+            "link; _nominal_link uses the link's rate and loopback's latency plus the added delay. E(alpha, gamma) "
+            "assumes independent acceptances and ignores that a generation's last step is cut at the token "
+            "budget; predicted_*_measured_tokens_per_step puts the measured tokens per step in its place. "
+            "Shaped links: "
             "two network namespaces joined by a veth pair; rate by tc (netem where available, else tbf); one-way "
             "delay by netem where available, else waited by the transport step before each leg (delay_by)."),
         "machine": where,
