@@ -411,9 +411,9 @@ def _draft_loop(wire: Wire, draft, job: dict, V: int, p_dtype) -> dict:
                 raise _not_finite("target", step)
             rejected = a < gamma
             need = rejected & book.active                # rows done already commit nothing: no rows for them
-            t = time.perf_counter()
             if spec.wire in ("q", "ids"):
                 extra = wire.recv((B,), ID).long()
+                t = time.perf_counter()                  # compute from here on (the messages are in)
                 _replay_rule_draws(spec.rule, B, gamma, p_dtype, sampled, generator, prompt.device)
             elif spec.wire == "two_round":
                 k = int(need.sum())
@@ -422,6 +422,7 @@ def _draft_loop(wire: Wire, draft, job: dict, V: int, p_dtype) -> dict:
                     wire.send(qn[rows, a[rows]])
                     wire.count_leg_received()
                 extra = wire.recv((B,), ID).long()
+                t = time.perf_counter()
                 _replay_rule_draws(spec.rule, B, gamma, p_dtype, sampled, generator, prompt.device)
             else:                                        # return_p
                 k = int(need.sum())
@@ -431,6 +432,7 @@ def _draft_loop(wire: Wire, draft, job: dict, V: int, p_dtype) -> dict:
                 if B - k:
                     extra[kept] = wire.recv((B - k,), ID).long()
                 p_rows = _from_int(wire.recv((k * V * p_dtype.itemsize // 4,), ID), p_dtype).view(k, V) if k else None
+                t = time.perf_counter()
                 sampling.uniform((B, gamma), dtype=p_dtype, device=prompt.device, generator=generator)
                 weights = torch.ones(B, V if k else 1, dtype=p_dtype, device=prompt.device)
                 if k:
@@ -523,7 +525,7 @@ def _target_loop(wire: Wire, target, job: dict, V: int, p_dtype) -> dict:
                 _replay_draft_draws(gamma, B, generator, device)
             compute += time.perf_counter() - t
             if not fine:
-                wire.send(torch.full((B,), -1, dtype=ID))
+                wire.send(torch.full((B,), -1, dtype=ID, device=device))
                 raise _not_finite("target", step)
             if spec.wire in ("q", "ids"):
                 t = time.perf_counter()
