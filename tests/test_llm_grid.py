@@ -1,0 +1,273 @@
+"""Chapter 11's grid (typsamp.llm_grid) on a tiny random Gemma, a random draft and random
+Medusa heads: every quantity a cell records is recomputed here independently, and the
+HumanEval harness is run on hand-written completions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.tiny_gemma import random_gemma
+from typsamp import drafts, llm_grid, medusa, sampling, stats
+
+SMALL = {"tokens": 8, "short": 3, "samples": 3, "prompts": 3, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def system():
+    torch.manual_seed(7)
+    target = random_gemma(seed=4, scale=0.5)
+    draft = random_gemma(seed=9, scale=0.5)
+    V = target.config.vocab_size
+    heads = medusa.MedusaHeads(target.model.embed_tokens.weight, torch.randperm(V), n_heads=4)
+    with torch.no_grad():
+        heads.weight.normal_(0, 0.3)
+        heads.bias.normal_(0, 0.3)
+    heads.requires_grad_(False)
+    return {"target": target, "heads": heads, "tokenizer": None, "problems": {}, "names": None,
+            "drafts": {"trimmed": draft, "distil": draft, "prompt_lookup": drafts.PromptLookup}}
+
+
+def rows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (n,), generator=g) for n in (5, 3, 7)]
+
+
+CELLS = [llm_grid.Cell("shakespeare", "autoregressive", None, 0.7, None, 1),
+         llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 0.7, 3, 1),
+         llm_grid.Cell("shakespeare", "rejection_greedy", "prompt_lookup", 0.7, 2, 1),
+         llm_grid.Cell("shakespeare", "match_sampled", "trimmed", 0.7, 2, 1),
+         llm_grid.Cell("shakespeare", "typical_greedy", "distil", 0.7, 3, 1),
+         llm_grid.Cell("shakespeare", "medusa_typical", "medusa", 0.7, "small", 1),
+         llm_grid.Cell("shakespeare", "medusa_typical_sampled", "medusa", 0.7, "small", 1),
+         llm_grid.Cell("shakespeare", "medusa_exact", "medusa", 0.7, "small", 1),
+         llm_grid.Cell("shakespeare", "typical_greedy", "distil", 0.7, 3, 2)]
+
+
+def _p_full(target, prompt, x, T):
+    """p_T at every generated position over the whole vocabulary, float64 [L, V]."""
+    logits = stats.teacher_forced_logits(target, torch.cat([prompt, x])[None])[0, prompt.numel() - 1:-1]
+    return sampling.Warp(temperature=T)(logits.double())
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.method}-{c.draft}-b{c.batch}")
+def test_every_distance_recomputed(system, cell):
+    # The law r of each emitted token, written out over the whole vocabulary: a one-hot
+    # at x for deterministic emissions, p_T itself for exact rules and for sampled extra
+    # tokens; TV = ½ Σ |r − p|, KL = Σ r log(r / p); the cell's means and standard errors
+    # between rows must be these.
+    target, T = system["target"], cell.temperature
+    record, outs, _ = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
+    gen = [(o, b) for o in outs for b in range(o.tokens.shape[0])]
+    prompts = rows() if cell.batch == 1 else [rows()[i % 3] for i in range(cell.batch)]
+    assert len(gen) == len(prompts) == record["rows"]
+    tv_rows, kl_rows, nll_rows = [], [], []
+    for prompt, (out, b) in zip(prompts, gen):
+        L = int(out.lengths[b])
+        assert L == SMALL["tokens"]
+        x = out.tokens[b, :L]
+        p = _p_full(target, prompt, x, T)
+        point = torch.nn.functional.one_hot(x, p.shape[-1]).double()
+        kind = llm_grid.LAWS[cell.method]
+        if kind == "target":
+            r = p
+        elif kind == "point":
+            r = point
+        else:
+            r = torch.where((out.origin[b, :L] == 1)[:, None], point, p)
+        tv = 0.5 * (r - p).abs().sum(-1)
+        kl = torch.where(r > 0, r * (r.clamp(min=1e-300).log() - p.clamp(min=1e-300).log()), 0).sum(-1)
+        tv_rows.append(float(tv.mean()))
+        kl_rows.append(float(kl.mean()))
+        p1 = _p_full(target, prompt, x, 1.0).gather(-1, x[:, None]).squeeze(-1)
+        nll_rows.append(float(-p1.log().mean()))
+    n = len(tv_rows)
+    for key, values in (("tv", tv_rows), ("kl", kl_rows), ("nll", nll_rows)):
+        v = torch.tensor(values, dtype=torch.float64)
+        mean_key = {"tv": "tv_from_target", "kl": "kl_from_target", "nll": "nll"}[key]
+        assert record[mean_key] == pytest.approx(float(v.mean()), rel=1e-4, abs=1e-6)
+        assert record[f"{key}_se"] == pytest.approx(float(v.std() / math.sqrt(n)), rel=1e-4, abs=1e-6)
+    if llm_grid.LAWS[cell.method] == "target":
+        assert record["tv_from_target"] == 0 and record["kl_from_target"] == 0
+    else:
+        assert record["tv_from_target"] > 0                 # random models: real distance
+    if cell.method != "autoregressive":
+        accepted = sum(o.accepted for o in outs)
+        examined = sum(o.examined for o in outs)
+        assert record["alpha"] == pytest.approx(accepted / examined)
+        steps = sum(o.steps for o in outs)
+        live = sum(int((o.accepted_lengths >= 0).sum()) for o in outs)
+        assert record["tokens_per_step"] == pytest.approx(record["generated"] / live)
+        a = torch.cat([o.accepted_lengths[o.accepted_lengths >= 0] for o in outs]).double()
+        assert record["mean_accepted"] == pytest.approx(float(a.mean()))
+        assert record["steps"] == steps
+    assert record["tokens_per_s"] > 0
+
+
+def test_diversity_of_a_cell(system):
+    cell = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 2, 1)
+    record, _, sample = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
+    texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(SMALL["samples"])]
+    assert all(t[:0] == [] and len(t) == SMALL["tokens"] for t in texts)
+    bigrams = [tuple(t[i:i + 2]) for t in texts for i in range(len(t) - 1)]
+    assert record["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
+    assert record["repetition"] == pytest.approx(sum(llm_grid.repetition(t) for t in texts) / 3)
+    # T = 0: every exact method's samples are one text, self-BLEU 1, nothing new across samples
+    greedy = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 2, 1), system,
+                               rows(), SMALL)
+    assert greedy["self_bleu"] == pytest.approx(1.0) and greedy["distinct_texts"] == 1
+    assert greedy["tv_from_target"] == 0 and "ties" in greedy
+
+
+def test_speedup_bookkeeping(system):
+    hand = [{"category": "code", "method": "autoregressive", "temperature": 0.7, "batch": 1, "tokens_per_s": 10.0},
+            {"category": "code", "method": "autoregressive", "temperature": 0.7, "batch": 8, "tokens_per_s": 40.0},
+            {"category": "code", "method": "autoregressive", "temperature": 0.0, "batch": 1, "tokens_per_s": 20.0},
+            {"category": "code", "method": "rejection_sampled", "temperature": 0.7, "batch": 1, "tokens_per_s": 25.0},
+            {"category": "code", "method": "rejection_sampled", "temperature": 0.7, "batch": 8, "tokens_per_s": 20.0},
+            {"category": "code", "method": "typical_greedy", "temperature": 0.0, "batch": 1, "tokens_per_s": 30.0},
+            {"category": "code", "method": "medusa_exact", "temperature": 0.0, "batch": 1, "skipped": "no heads"}]
+    out = llm_grid.add_speedups(hand)
+    assert [r.get("speedup") for r in out] == [1.0, 1.0, 1.0, 2.5, 0.5, 1.5, None]
+    assert "speedup" not in hand[3]                        # the input is not changed
+    with pytest.raises(ValueError, match="no autoregressive row"):
+        llm_grid.add_speedups(hand[3:4])
+    with pytest.raises(ValueError, match="two autoregressive rows"):
+        llm_grid.add_speedups(hand[:1] * 2)
+    with pytest.raises(TypeError):
+        llm_grid.add_speedups("rows")
+    # on measured cells: each speed-up is the cell's rate over its own autoregressive cell
+    cells = [llm_grid.Cell("gsm8k", "autoregressive", None, 0.7, None, 1),
+             llm_grid.Cell("gsm8k", "typical_greedy", "prompt_lookup", 0.7, 2, 1)]
+    measured = llm_grid.add_speedups([llm_grid.run_cell(c, system, rows()[:2], {**SMALL, "samples": 0})
+                                      for c in cells])
+    assert measured[1]["speedup"] == pytest.approx(measured[1]["tokens_per_s"] / measured[0]["tokens_per_s"])
+
+
+def test_skipped_medusa_cells_say_why(system):
+    no_heads = {**system, "heads": "heads not trained: no file"}
+    record = llm_grid.run_cell(llm_grid.Cell("code", "medusa_exact", "medusa", 0.0, "small", 1), no_heads, rows())
+    assert record["skipped"] == "heads not trained: no file" and "tokens_per_s" not in record
+
+
+PROBLEM = {"task_id": "Toy/0", "prompt": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
+           "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
+           "entry_point": "add"}
+
+
+def test_pass_at_1_with_the_packages_harness():
+    completions = ["    return a + b\n", "    return a - b\n", "    while True:\n        pass\n",
+                   "    import socket\n    socket.socket(socket.AF_INET).connect(('1.1.1.1', 80))\n    return a + b\n"]
+    result = llm_grid.pass_at_1([PROBLEM] * 4, completions, timeout=1.0)
+    outcomes = [r.split(": ", 1)[1] for r in result["results"]]
+    assert outcomes[0] == "passed"
+    assert outcomes[1].startswith("failed")
+    assert outcomes[2] == "timed out"                       # the infinite loop hits the limit
+    assert outcomes[3].startswith("failed")                 # no network
+    assert (result["passed"], result["n"], result["pass_at_1"]) == (1, 4, 0.25)
+    assert result["ci95"] == pytest.approx(list(llm_grid.wilson(1, 4)))
+    with pytest.raises(ValueError, match="2 problems but 1 completions"):
+        llm_grid.execute([PROBLEM] * 2, ["x"])
+    with pytest.raises(ValueError, match="HumanEval problem"):
+        llm_grid.execute([{"task_id": "x"}], ["x"])
+    with pytest.raises(ValueError, match="timeout"):
+        llm_grid.execute([PROBLEM], ["x"], timeout=0)
+
+
+def test_completion_stops_where_humaneval_stops():
+    assert llm_grid.completion("    return 1\n\ndef other():\n    pass") == "    return 1\n"
+    assert llm_grid.completion("    return 1\nprint(f())\n#x") == "    return 1"
+    assert llm_grid.completion("    return 1\n") == "    return 1\n"
+    with pytest.raises(TypeError):
+        llm_grid.completion(3)
+
+
+def test_wilson_interval():
+    z = 1.959964
+    low, high = llm_grid.wilson(0, 10)
+    assert low == 0 and high == pytest.approx(z * z / (10 + z * z))
+    low, high = llm_grid.wilson(5, 10)
+    assert low + high == pytest.approx(1.0) and 0.2 < low < 0.25   # 0.2366 (Wilson 1927)
+    with pytest.raises(ValueError, match="exceeds"):
+        llm_grid.wilson(3, 2)
+
+
+def test_bleu_and_self_bleu_on_known_texts():
+    hyp, ref = "the cat sat on the mat", "the cat is on the mat"
+    # clipped precisions 5/6, 3/5, 1/4 and no 4-gram (0.1 / 3 with smoothing), no penalty
+    expected = math.exp((math.log(5 / 6) + math.log(3 / 5) + math.log(1 / 4) + math.log(0.1 / 3)) / 4)
+    assert llm_grid.bleu(hyp, [ref]) == pytest.approx(expected)
+    assert llm_grid.bleu(hyp, [hyp]) == pytest.approx(1.0)
+    # clipping: "the" x4 against a reference with two
+    assert llm_grid.bleu("the the the the", ["the cat the dog"], max_n=1) == pytest.approx(2 / 4)
+    # brevity penalty: 2 words against 4, precision 1
+    assert llm_grid.bleu("a b", ["a b c d"], max_n=2) == pytest.approx(math.exp(1 - 4 / 2))
+    # token ids work as words; the closest reference length sets the penalty
+    assert llm_grid.bleu([1, 2, 3], [[1, 2, 3, 4, 5, 6], [1, 2, 3]], max_n=3) == pytest.approx(1.0)
+    samples = ["a b c d e", "a b c d e", "v w x y z"]
+    each = [llm_grid.bleu(samples[0], samples[1:]), llm_grid.bleu(samples[1], [samples[0], samples[2]]),
+            llm_grid.bleu(samples[2], samples[:2])]
+    assert each[:2] == [pytest.approx(1.0)] * 2
+    assert each[2] == pytest.approx(math.exp(sum(math.log(0.1 / k) for k in (5, 4, 3, 2)) / 4))
+    assert llm_grid.self_bleu(samples) == pytest.approx(sum(each) / 3)
+    assert llm_grid.self_bleu(["a b c d"] * 3) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        llm_grid.self_bleu(["a b c d"])
+    with pytest.raises(ValueError, match="empty"):
+        llm_grid.bleu("", ["a"])
+    with pytest.raises(TypeError):
+        llm_grid.bleu("a b", "a b")
+
+
+def test_repetition():
+    assert llm_grid.repetition("a b c d e f", n=4) == 0.0
+    assert llm_grid.repetition([1, 2, 1, 2, 1, 2, 1], n=2) == pytest.approx(1 - 2 / 6)
+    with pytest.raises(ValueError, match="fewer than 4"):
+        llm_grid.repetition("a b c")
+
+
+def test_grid_cells():
+    best = {("distil", 0.7): 2, ("trimmed", 0.7): 4, ("prompt_lookup", 0.0): 6}
+    cells = llm_grid.grid({"categories": ("code",), "temperatures": (0.0, 0.7)}, best)
+    assert not [c for c in cells if c.temperature == 0 and c.method in ("rejection_sampled", "match_sampled")]
+    assert not [c for c in cells if c.draft == "prompt_lookup" and c.method in ("rejection_sampled", "match_sampled")]
+    gammas = sorted(c.setting for c in cells if (c.method, c.draft, c.temperature, c.batch)
+                    == ("rejection_sampled", "distil", 0.7, 1))
+    assert gammas == [2, llm_grid.COMMON_GAMMA]               # best and common
+    assert [c.setting for c in cells if (c.method, c.draft, c.temperature, c.batch)
+            == ("rejection_greedy", "trimmed", 0.7, 1)] == [4]  # once where they agree
+    assert {c.batch for c in cells} == {1, 8}
+    assert len(set(cells)) == len(cells)
+    assert all(c.method == "autoregressive" or
+               any(a.method == "autoregressive" and (a.category, a.temperature, a.batch) ==
+                   (c.category, c.temperature, c.batch) for a in cells) for c in cells)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        llm_grid.Cell("code", "beam", None, 0.7, None, 1)
+    with pytest.raises(ValueError, match="`category` must be one of"):
+        llm_grid.Cell("poetry", "autoregressive", None, 0.7, None, 1)
+    with pytest.raises(ValueError, match="prompt lookup has none"):
+        llm_grid.Cell("code", "rejection_sampled", "prompt_lookup", 0.7, 4, 1)
+    with pytest.raises(ValueError, match="no draft and no setting"):
+        llm_grid.Cell("code", "autoregressive", "distil", 0.7, None, 1)
+    with pytest.raises(ValueError, match="Medusa cell"):
+        llm_grid.Cell("code", "medusa_exact", "distil", 0.7, 4, 1)
+    with pytest.raises(ValueError):
+        llm_grid.Cell("code", "autoregressive", None, -1.0, None, 1)
+    with pytest.raises(ValueError):
+        llm_grid.Cell("code", "rejection_greedy", "distil", 0.7, 0, 1)
+    with pytest.raises(ValueError, match="one length"):
+        llm_grid.distances("typical_greedy", torch.rand(3).double(), torch.ones(4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="probabilities"):
+        llm_grid.distances("typical_greedy", torch.tensor([1.5]).double(), torch.ones(1, dtype=torch.int8))
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        llm_grid.law("beam")
+    with pytest.raises(TypeError):
+        llm_grid.run_cell(("code", "autoregressive"), {}, rows())
+    with pytest.raises(ValueError, match="non-empty list"):
+        llm_grid.run_cell(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 1), {}, [])
