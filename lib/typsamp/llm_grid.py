@@ -685,8 +685,10 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict) -> 
                    "methods this run lacks take the slowest rate. Under the load of this run."}
 
 
-def run(quick: bool = False, *, progress: bool = True, settings: dict | None = None) -> dict:
-    """The grid on Gemma 3 270M (bfloat16 target, the committed drafts and heads)."""
+def run(quick: bool = False, *, progress: bool = True, settings: dict | None = None,
+        partial: Path | str | None = None) -> dict:
+    """The grid on Gemma 3 270M (bfloat16 target, the committed drafts and heads). With
+    ``partial``, the record so far (``"complete": false``) is written there after every cell."""
     from tqdm.auto import tqdm
 
     from typsamp import gemma, medusa
@@ -707,6 +709,7 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
     rows_by = {}
     for c in s["categories"]:
         rows_by[c] = prompts.tokenized(tokenizer, s["prompts"], s["prompt_tokens"], categories=(c,), split="test")
+    header = _header(quick, s, where, best, drafts, heads)
     results = []
     for cell in tqdm(cells, desc="llm grid", disable=not progress):
         rows, names = rows_by[cell.category]
@@ -717,9 +720,19 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
                                                  s["prompt_tokens"], categories=(cell.category,), split="test")
             rows, system["names"] = more, more_names
         results.append(run_cell(cell, system, rows, s))
+        if partial is not None:
+            Path(partial).write_text(json.dumps(_sanitise({**header, "complete": False, "cells": results}),
+                                                indent=1, allow_nan=False) + "\n")
     results = add_speedups(results)
     full = grid(SETTINGS, best)
-    record = {
+    record = {**header, "complete": True, "cells": results,
+              "wall_seconds": time.perf_counter() - clock,
+              "full_run_estimate": _estimate(results, full, SETTINGS, s) if quick else None}
+    return _sanitise(record)
+
+
+def _header(quick, s, where, best, drafts, heads) -> dict:
+    return {
         "benchmark": "chapter 11's grid: every method of the book on Gemma 3 270M (bfloat16), speed and quality",
         "command": f"python -m typsamp.llm_grid{' --quick' if quick else ''} --threads {torch.get_num_threads()}",
         "smoke_output": quick,
@@ -735,11 +748,7 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
         "best_gammas_from": str(BENCH_FILE.relative_to(provenance.ROOT)) if best else None,
         "drafts": {k: (v if isinstance(v, str) else "loaded") for k, v in drafts.items()},
         "heads": heads if isinstance(heads, str) else "loaded",
-        "cells": results,
-        "wall_seconds": time.perf_counter() - clock,
-        "full_run_estimate": _estimate(results, full, SETTINGS, s) if quick else None,
     }
-    return _sanitise(record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -750,9 +759,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(checks.integer("threads", args.threads, low=1))
-    result = run(args.quick, progress=not args.no_progress)
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args.quick, progress=not args.no_progress, partial=out)
     out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     print(f"llm_grid: {len(result['cells'])} cells in {result['wall_seconds']:.0f} s -> {out}")
     return 0
