@@ -4,6 +4,7 @@ HumanEval harness is run on hand-written completions."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -107,7 +108,7 @@ def test_every_distance_recomputed(system, cell):
 
 
 def test_diversity_of_a_cell(system):
-    cell = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 2, 1)
+    cell = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, llm_grid.COMMON_GAMMA, 1)
     record, _, sample = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
     texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(SMALL["samples"])]
     assert all(t[:0] == [] and len(t) == SMALL["tokens"] for t in texts)
@@ -116,10 +117,13 @@ def test_diversity_of_a_cell(system):
     assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
     assert record["repetition"] == pytest.approx(sum(llm_grid.repetition(t) for t in texts) / 3)
     # T = 0: every exact method's samples are one text, self-BLEU 1, nothing new across samples
-    greedy = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 2, 1), system,
+    greedy = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 4, 1), system,
                                rows(), SMALL)
     assert greedy["self_bleu"] == pytest.approx(1.0) and greedy["distinct_texts"] == 1
     assert greedy["tv_from_target"] == 0 and "ties" in greedy
+    other_gamma = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 2, 1), system,
+                                    rows(), SMALL)
+    assert "self_bleu" not in other_gamma                 # diversity only at the common gamma
 
 
 def test_speedup_bookkeeping(system):
@@ -232,6 +236,10 @@ def test_repetition():
 def test_grid_cells():
     best = {("distil", 0.7): 2, ("trimmed", 0.7): 4, ("prompt_lookup", 0.0): 6}
     cells = llm_grid.grid({"categories": ("code",), "temperatures": (0.0, 0.7)}, best)
+    quick = llm_grid.grid(llm_grid.QUICK, best)
+    assert {c.method for c in quick if c.batch == 1 and c.draft not in (None, "medusa")} == \
+        {"rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy"}
+    assert len(quick) == len(set(quick)) < 30
     assert not [c for c in cells if c.temperature == 0 and c.method in ("rejection_sampled", "match_sampled")]
     assert not [c for c in cells if c.draft == "prompt_lookup" and c.method in ("rejection_sampled", "match_sampled")]
     gammas = sorted(c.setting for c in cells if (c.method, c.draft, c.temperature, c.batch)
@@ -241,6 +249,12 @@ def test_grid_cells():
             == ("rejection_greedy", "trimmed", 0.7, 1)] == [4]  # once where they agree
     assert {c.batch for c in cells} == {1, 8}
     assert len(set(cells)) == len(cells)
+    assert {c.category for c in cells if c.batch == 8} == {"code"}
+    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 4, 1))
+    assert not llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1))
+    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1), {"quick_pairs": True})
+    assert not llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
+    assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == {"code"}
     assert all(c.method == "autoregressive" or
                any(a.method == "autoregressive" and (a.category, a.temperature, a.batch) ==
                    (c.category, c.temperature, c.batch) for a in cells) for c in cells)
@@ -271,3 +285,22 @@ def test_bad_input():
         llm_grid.run_cell(("code", "autoregressive"), {}, rows())
     with pytest.raises(ValueError, match="non-empty list"):
         llm_grid.run_cell(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 1), {}, [])
+
+
+def test_estimate_from_measured_cells(tmp_path, capsys):
+    # two measured kinds at 0.01 and 0.02 s per work token; every other method takes the slowest
+    cells = [{"method": "autoregressive", "batch": 1, "seconds": 1.0, "work_tokens": 100},
+             {"method": "rejection_sampled", "batch": 1, "seconds": 4.0, "work_tokens": 200},
+             {"method": "medusa_exact", "batch": 1, "skipped": "no heads"}]
+    s = {"categories": ("gsm8k",), "temperatures": (0.7,), "methods": ("autoregressive", "rejection_sampled"),
+         "drafts": ("distil",), "batches": (1,), "tokens": 10, "short": 2, "prompts": 2, "samples": 3}
+    guess = llm_grid.estimate({"cells": cells}, s, best={})
+    # autoregressive: 10 warm-up + 2 x 12 + 3 x 10 samples = 64 tokens; rejection (gamma 4) the same
+    assert guess["cells"] == 2 and guess["seconds"] == round(64 * 0.01 + 64 * 0.02)
+    with pytest.raises(ValueError, match="cells"):
+        llm_grid.estimate({"rows": []})
+    path = tmp_path / "quick.json"
+    path.write_text(json.dumps({"cells": cells}))
+    assert llm_grid.main(["--estimate-from", str(path)]) == 0
+    expected = llm_grid.estimate({"cells": cells})["seconds"]
+    assert f"would take about {expected} s" in capsys.readouterr().out

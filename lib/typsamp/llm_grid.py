@@ -45,7 +45,8 @@ Per cell (:func:`run_cell`):
 * ``nll``: the mean negative log-likelihood per token of the generated text under the
   unwarped target (T = 1), with its standard error; greedier text scores better, so it is
   no measure of quality by itself;
-* diversity across ``samples`` generations of the category's first prompt (batch-1 cells):
+* diversity across ``samples`` generations of the category's first prompt (batch-1 cells
+  at the common γ, :func:`diverse`):
   ``distinct_2`` (distinct bigrams / bigrams, pooled over the samples), ``self_bleu``
   (:func:`self_bleu`, our own BLEU-4 over token ids; no BLEU package is installed) and
   ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
@@ -54,6 +55,7 @@ Per cell (:func:`run_cell`):
   without network and with a time limit (:func:`execute`).
 
     python -m typsamp.llm_grid [--quick] [--out PATH] [--threads N] [--no-progress]
+    python -m typsamp.llm_grid --estimate-from notebooks/results/llm_grid_quick.json
 
 writes ``notebooks/results/llm_grid.json`` (``--quick``: ``llm_grid_quick.json``, a smoke
 output: its timings say nothing about speed) with the machine, versions, commit, dirty flag,
@@ -84,7 +86,7 @@ from typsamp import bench, checks, generate, prompts, provenance, sampling, spec
 
 __all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
            "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "execute", "pass_at_1",
-           "add_speedups", "best_gammas", "grid", "run_cell", "run", "main"]
+           "add_speedups", "best_gammas", "grid", "diverse", "estimate", "run_cell", "run", "main"]
 
 #: Method -> how it decodes.
 METHODS = {
@@ -122,14 +124,15 @@ SETTINGS = {
     "methods": tuple(METHODS),
     "trees": ("small",),
     "batches": (1, 8),
+    "batch_categories": ("code", "shakespeare"),   # batch-8 cells only for these (speed varies by alpha only)
     # batch-8 cells: (method, draft) pairs, at COMMON_GAMMA
     "batched": (("autoregressive", None), ("rejection_sampled", "distil"), ("typical_greedy", "distil"),
                 ("rejection_greedy", "prompt_lookup")),
     "prompts": 2,              # batch-1 prompts per category
     "prompt_tokens": 64,
-    "tokens": 32,              # new tokens of the long (measured) run
+    "tokens": 24,              # new tokens of the long (measured) run
     "short": 6,                # new tokens of the short run whose time is subtracted
-    "samples": 4,              # generations of one prompt for diversity
+    "samples": 3,              # generations of one prompt for diversity
     "exec_timeout": 3.0,       # seconds per HumanEval completion
     "seed": 0,
 }
@@ -477,8 +480,9 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
     """The cells of a run with ``settings`` (default :data:`SETTINGS`) and best γ per
     (draft, T) ``best`` (default :func:`best_gammas`): per category and T, autoregressive
     decoding, each chain method with each draft at its best γ and :data:`COMMON_GAMMA`
-    (once where they agree), each Medusa method with each tree, all at batch 1; then the
-    ``batched`` (method, draft) pairs at each batch > 1, at the common γ."""
+    (once where they agree), each Medusa method with each tree, all at batch 1; then, for
+    the ``batch_categories``, the ``batched`` (method, draft) pairs at each batch > 1, at
+    the common γ."""
     s = {**SETTINGS, **(settings or {})}
     best = best_gammas() if best is None else best
     cells = []
@@ -501,7 +505,7 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
                             gammas = gammas[:1]
                         cells += [Cell(category, method, draft, T, g, 1) for g in gammas]
             for B in s["batches"]:
-                if B == 1:
+                if B == 1 or category not in s.get("batch_categories", s["categories"]):
                     continue
                 for method, draft in s["batched"]:
                     if method in _SAMPLED and T == 0:
@@ -512,6 +516,17 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
                  "typical_greedy": "trimmed"}
         cells = [c for c in cells if c.batch > 1 or c.method not in pairs or c.draft == pairs[c.method]]
     return cells
+
+
+def diverse(cell: Cell, settings: dict | None = None) -> bool:
+    """Whether a cell measures diversity across samples: batch-1 cells at the common γ (or
+    with no γ; with ``--quick``, whose chain cells have one γ each, every batch-1 cell);
+    the other γ of the same method and draft is left out to save time."""
+    if cell.batch != 1:
+        return False
+    if (settings or {}).get("quick_pairs"):
+        return True
+    return not isinstance(cell.setting, int) or cell.setting == COMMON_GAMMA
 
 
 def _rule(method: str):
@@ -606,7 +621,7 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     record.update(quality(system["target"], flat_rows, outs, cell.method, cell.temperature))
     tokenizer = system.get("tokenizer")
     out = None
-    if cell.batch == 1 and s["samples"] >= 2:
+    if diverse(cell, s) and s["samples"] >= 2:
         n = s["samples"]
         out = _decode(cell, system, [rows[0]] * n, tokens, [seed * 100_000 + 50_000 + i for i in range(n)])
         samples = [out.tokens[b, :int(out.lengths[b])].tolist() for b in range(n)]
@@ -660,7 +675,16 @@ def _sources() -> dict:
     return out
 
 
-def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict) -> dict:
+def estimate(record: dict, settings: dict | None = None, best: dict | None = None) -> dict:
+    """The wall time of a run with ``settings`` (default the full :data:`SETTINGS`) estimated
+    from the measured cells of ``record`` (a run's JSON, typically ``--quick``'s)."""
+    if not isinstance(record, dict) or not isinstance(record.get("cells"), list):
+        raise ValueError("`record` must be a run's record with its `cells`")
+    s = {**SETTINGS, **(settings or {})}
+    return _estimate(record["cells"], grid(s, best), s, None)
+
+
+def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | None) -> dict:
     """The full run's wall time from this run's cells: seconds per work token (tokens
     generated, warm-up and samples included) per method, times the full grid's work."""
     per = {}
@@ -676,7 +700,7 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict) -> 
         rate = sum(rate) / len(rate) if rate else fallback
         P = s_full["prompts"] if c.batch == 1 else 1
         work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
-        if c.batch == 1:
+        if diverse(c, s_full):
             work += s_full["samples"] * s_full["tokens"]
         total += rate * work
     return {"seconds": round(total), "cells": len(full),
@@ -757,7 +781,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help=f"default {OUT.name} ({QUICK_OUT.name} with --quick)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--estimate-from", default=None, metavar="JSON",
+                        help="only print the full run's estimated wall time from a run's cells (no decoding)")
     args = parser.parse_args(argv)
+    if args.estimate_from:
+        guess = estimate(json.loads(Path(args.estimate_from).read_text()))
+        print(f"llm_grid: the full run ({guess['cells']} cells) would take about {guess['seconds']} s "
+              f"at the rates of {args.estimate_from}")
+        return 0
     torch.set_num_threads(checks.integer("threads", args.threads, low=1))
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
