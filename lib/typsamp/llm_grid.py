@@ -21,8 +21,9 @@ were fitted on). Methods (:data:`METHODS`):
   are recorded as skipped, with the reason.
 
 ``setting`` is γ for chain methods (the best γ this machine's ``bench llm`` run found per
-draft and T, read from ``notebooks/results/llm_bench.json``, plus :data:`COMMON_GAMMA`),
-the tree's name for Medusa, ``None`` for autoregressive decoding.
+draft and T, read from ``notebooks/results/llm_bench.json``, plus :data:`COMMON_GAMMA`;
+``setting_role`` says which: ``best``, ``common`` or ``best+common``), the tree's name for
+Medusa, ``None`` for autoregressive decoding.
 
 Per cell (:func:`run_cell`):
 
@@ -61,6 +62,11 @@ writes ``notebooks/results/llm_grid.json`` (``--quick``: ``llm_grid_quick.json``
 output: its timings say nothing about speed) with the machine, versions, commit, dirty flag,
 the prompt sources' package versions and file hashes, the settings, every cell, and the
 run's own estimate of the full run's wall time from the cells' measured seconds per token.
+
+Reused, not rewritten: :func:`typsamp.tree_acceptance.position_laws` and its per-law
+distances (``lib/typsamp/tree_acceptance.py`` at 4046d29), ``bench._decode_rate``,
+``bench.METHODS`` and ``bench.load_llm_drafts`` (``lib/typsamp/bench.py`` at 9bbf127), the
+engine's ``Generation`` counters (``lib/typsamp/generate.py`` at 7424ed8).
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ from typsamp import bench, checks, generate, prompts, provenance, sampling, spec
 
 __all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
            "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "execute", "pass_at_1",
-           "add_speedups", "best_gammas", "grid", "diverse", "estimate", "run_cell", "run", "main"]
+           "add_speedups", "best_gammas", "grid", "diverse", "setting_role", "estimate", "run_cell", "run", "main"]
 
 #: Method -> how it decodes.
 METHODS = {
@@ -526,6 +532,16 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
     return cells
 
 
+def setting_role(cell: Cell, best: dict) -> str:
+    """Which γ a chain cell runs at: ``"best"`` (``best[(draft, T)]``, :func:`best_gammas`),
+    ``"common"`` (:data:`COMMON_GAMMA`), ``"best+common"`` where they agree, else ``"other"``."""
+    if not isinstance(cell.setting, int):
+        raise ValueError(f"{cell.method} has no gamma (setting {cell.setting!r})")
+    roles = [r for r, g in (("best", best.get((cell.draft, cell.temperature))), ("common", COMMON_GAMMA))
+             if g == cell.setting]
+    return "+".join(roles) or "other"
+
+
 def diverse(cell: Cell, settings: dict | None = None) -> bool:
     """Whether a cell measures diversity across samples: batch-1 cells at the common γ (or
     with no γ; with ``--quick``, whose chain cells have one γ each, every batch-1 cell);
@@ -751,7 +767,10 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
             more, more_names = prompts.tokenized(tokenizer, min(cell.batch, len(prompts.load(cell.category))),
                                                  s["prompt_tokens"], categories=(cell.category,), split="test")
             rows, system["names"] = more, more_names
-        results.append(run_cell(cell, system, rows, s))
+        row = run_cell(cell, system, rows, s)
+        if isinstance(cell.setting, int):
+            row["setting_role"] = setting_role(cell, best)
+        results.append(row)
         if partial is not None:
             Path(partial).write_text(json.dumps(_sanitise({**header, "complete": False, "cells": results}),
                                                 indent=1, allow_nan=False) + "\n")
