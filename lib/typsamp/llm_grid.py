@@ -91,7 +91,8 @@ import torch
 from typsamp import bench, checks, generate, prompts, provenance, sampling, speculative, stats, tree_acceptance, typical
 
 __all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
-           "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "execute", "pass_at_1",
+           "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "humaneval_problems", "execute",
+           "pass_at_1",
            "add_speedups", "best_gammas", "grid", "diverse", "setting_role", "estimate", "run_cell", "run", "main"]
 
 #: Method -> how it decodes.
@@ -150,7 +151,7 @@ QUICK = {**SETTINGS, "categories": ("code", "shakespeare"), "temperatures": (0.7
          "batched": (("autoregressive", None), ("rejection_sampled", "distil")),
          "tokens": 12, "short": 4, "samples": 3, "quick_pairs": True}
 
-#: HumanEval's stop sequences (Chen et al. 2021, sec. 2.3): a completion ends where one begins.
+#: HumanEval's stop sequences (Chen et al. 2021, the Codex paper): a completion ends where one begins.
 STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 
