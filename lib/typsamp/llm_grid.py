@@ -88,7 +88,7 @@ from pathlib import Path
 
 import torch
 
-from typsamp import bench, checks, generate, prompts, provenance, sampling, speculative, stats, tree_acceptance, typical
+from typsamp import bench, checks, generate, prompts, provenance, sampling, stats, tree_acceptance
 
 __all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
            "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "humaneval_problems", "execute",
