@@ -103,7 +103,8 @@ from typsamp import checks, gemma, provenance, sampling
 
 __all__ = ["HEADS", "TOP_K", "NEW_TOKENS", "PROMPT_TOKENS", "VAL_EVERY", "PUBLISHED_ACCURACY", "Recipe",
            "RECIPE", "MedusaHeads", "MedusaProposer", "make_data", "data_path", "save_data", "load_data",
-           "train", "accuracy", "save_heads", "load_heads", "HEADS_FILE"]
+           "test_data_path", "ranked_kept", "ROW_SUBSETS", "train", "accuracy", "save_heads", "load_heads",
+           "HEADS_FILE"]
 
 #: Heads (depths proposed) and the teacher's top-k kept per position.
 HEADS = 4
@@ -435,13 +436,13 @@ class MedusaHeads(nn.Module):
 class Recipe:
     """How the heads are trained."""
 
-    steps: int = 600
+    steps: int = 1200
     batch_size: int = 256               # anchor positions per step (every head at each)
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup: int = 30
     weight_decay: float = 0.0
-    eval_interval: int = 100
+    eval_interval: int = 200
     autocast: bool = True               # bfloat16 matrix products (CPU AMX / GPU)
 
 
@@ -530,7 +531,7 @@ def accuracy(heads: MedusaHeads, pairs: _Pairs, anchors: torch.Tensor | None = N
     total = torch.zeros(K, dtype=torch.long)
     was = heads.training
     heads.eval()
-    E = heads.embedding.to(heads.weight.dtype)
+    E = heads.embedding.to(torch.bfloat16 if autocast else heads.weight.dtype) if full_vocab else None
     for lo in range(0, anchors.numel(), batch_size):
         chunk = anchors[lo:lo + batch_size]
         h, index, p, valid, sampled, argmax = pairs.batch(chunk, device)
@@ -542,9 +543,9 @@ def accuracy(heads: MedusaHeads, pairs: _Pairs, anchors: torch.Tensor | None = N
         total += valid.sum(0).cpu()
         variants = [("kept", heads.kept[logits.topk(5, dim=-1).indices])]
         variants += [(f"rows_{m}", heads.kept[logits[..., :m].topk(5, dim=-1).indices]) for m in rows]
-        if full_vocab:
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
-                variants.append(("full_vocab", (r @ E.T).topk(5, dim=-1).indices))
+        if full_vocab:                                                        # one head at a time: [n, V]
+            variants.append(("full_vocab", torch.stack([(r[:, k].to(E.dtype) @ E.T).topk(5, dim=-1).indices
+                                                        for k in range(K)], dim=1)))
         for name, top in variants:
             for label, truth in (("sampled", sampled), ("argmax", argmax)):
                 match = top == truth[..., None]                                   # [n, K, 5]
