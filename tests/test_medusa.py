@@ -18,6 +18,7 @@ import torch
 from typsamp import gemma, generate, medusa, sampling, tree
 from tiny_gemma import TINY, random_gemma
 from typsamp.speculative import RejectionSampling
+from typsamp.typical import TypicalAcceptance
 
 RECIPE = medusa.Recipe(steps=40, batch_size=32, lr=3e-3, min_lr=3e-4, warmup=4, eval_interval=10, autocast=False)
 
@@ -337,15 +338,18 @@ def trained_tiny_heads(tiny, tiny_data, tmp_path_factory):
     return heads.eval().requires_grad_(False)
 
 
+@pytest.mark.parametrize("rule", [RejectionSampling(), TypicalAcceptance()], ids=["rejection", "typical"])
 @pytest.mark.parametrize("spec", [tree.chain(3), tree.small(), tree.full(2, 2)], ids=["chain3", "small", "full2x2"])
-def test_greedy_medusa_decoding_equals_greedy_autoregressive(tiny, trained_tiny_heads, spec):
+def test_greedy_medusa_decoding_equals_greedy_autoregressive(tiny, trained_tiny_heads, spec, rule):
+    """At T = 0 both rules keep exactly the target's argmax path (typical acceptance: p is
+    one-hot, so only the argmax passes its threshold, and its extra token is the argmax)."""
     prompts = [torch.tensor(r) for r in _rows(5, seed=21)] + [torch.tensor([5])]
     greedy = sampling.Warp(temperature=0.0)
     new = 14
     with torch.inference_mode():
         ar = generate.autoregressive(tiny, prompts, new, warp=greedy)
         proposer = medusa.MedusaProposer(trained_tiny_heads, spec)
-        out = generate.speculative(tiny, proposer, prompts, new, rule=RejectionSampling(), warp=greedy, seed=0)
+        out = generate.speculative(tiny, proposer, prompts, new, rule=rule, warp=greedy, seed=0)
     assert torch.equal(out.tokens, ar.tokens)
     assert out.gamma == spec.max_depth and out.drafted == spec.n_nodes * int((out.accepted_lengths >= 0).sum())
     assert out.accepted > 0                                                 # the heads' candidates do get used
