@@ -900,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train: the held-out train-split sequences; test: the test-split generations")
     p.add_argument("--heads", type=Path, default=HEADS_FILE)
     p.add_argument("--record", action="store_true", help="store the result in the heads' JSON record")
+    p.add_argument("--untrained", action="store_true",
+                   help="score zeroed heads instead (the baseline: the target's own head, k + 1 tokens early)")
     for p in sub.choices.values():
         p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
@@ -954,6 +956,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{record['wall_time_s']:.0f} s -> {args.out}")
     else:
         heads = load_heads(torch.float32, path=args.heads)
+        if args.untrained:                       # W = b = 0: the target's own head, k + 1 tokens early
+            with torch.no_grad():
+                heads.weight.zero_()
+                heads.bias.zero_()
         data = load_data(data_path() if args.split == "train" else test_data_path())
         pairs = _Pairs(data, heads.kept.cpu(), heads.vocab_size, heads.n_heads)
         anchors = pairs.val if args.split == "train" else torch.cat([pairs.train, pairs.val]).sort().values
@@ -965,12 +971,14 @@ def main(argv: list[str] | None = None) -> int:
         acc["data"]["positions"] = int(data["gen_starts"][-1])
         acc["data"]["prompts_per_category"] = _per_category(data["names"])
         acc["heads_dtype"] = "float32 (from the bfloat16 file)"
+        if args.untrained:
+            acc["heads"] = "untrained (W = b = 0: every head is the target's own next-token head over the same rows)"
         acc["command"] = command
         print(json.dumps(acc, indent=1))
         if args.record:
             record_path = Path(args.heads).with_suffix(".json")
             record = json.loads(record_path.read_text())
-            record[f"accuracy_{args.split}_split"] = acc
+            record[f"accuracy_{args.split}_split" + ("_untrained" if args.untrained else "")] = acc
             record_path.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
