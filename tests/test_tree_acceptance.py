@@ -41,6 +41,10 @@ def test_named_trees():
     assert tree_acceptance.named_tree("mc_sim_7b_63").n_nodes == 63
     assert tree_acceptance.named_tree("chain3").parents.tolist() == [-1, 0, 1]
     assert tree_acceptance.named_tree("full2x2").n_nodes == 6
+    mc = tree_acceptance.named_tree("mc16")
+    assert mc.n_nodes == 16 and set(mc.choices) == set(tree.MC_SIM_7B_63[:16])
+    with pytest.raises(ValueError, match="n must lie in"):
+        tree_acceptance.named_tree("mc64")
     with pytest.raises(ValueError, match="unknown tree 'chain'"):
         tree_acceptance.named_tree("chain")
     with pytest.raises(TypeError, match="must be a str"):

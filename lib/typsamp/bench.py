@@ -928,7 +928,7 @@ def _decode_rate(make_run, rows_list, tokens: int, short: int):
 
 
 #: Trees ``bench medusa`` times by default (names of :func:`typsamp.tree_acceptance.named_tree`).
-BENCH_TREES = ("chain3", "small", "full2x3", "mc_sim_7b_63")
+BENCH_TREES = ("chain3", "small", "mc8", "mc16", "mc32", "mc_sim_7b_63")
 
 #: Settings of ``python -m typsamp.bench medusa`` (chapter 10); tests pass smaller ones.
 MEDUSA_SETTINGS = {

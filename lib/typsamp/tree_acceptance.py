@@ -74,8 +74,9 @@ DEFAULT_TREE = "small"
 
 def named_tree(name: str):
     """A :class:`typsamp.tree.TreeSpec` by name: ``chain<n>`` (n candidates in a chain),
-    ``full<w>x<d>`` (every node w children, depth d), ``small`` (:func:`typsamp.tree.small`)
-    or ``mc_sim_7b_63`` (Medusa's 63-node tree for Vicuna-7B)."""
+    ``full<w>x<d>`` (every node w children, depth d), ``small`` (:func:`typsamp.tree.small`),
+    ``mc_sim_7b_63`` (Medusa's 63-node tree for Vicuna-7B) or ``mc<n>`` (its first n
+    choices in Medusa's listed order, which lists every parent before its children)."""
     import re
 
     from typsamp import tree
@@ -86,11 +87,17 @@ def named_tree(name: str):
         return tree.small()
     if name == "mc_sim_7b_63":
         return tree.mc_sim_7b_63()
+    if m := re.fullmatch(r"mc(\d+)", name):
+        n = int(m.group(1))
+        if not 1 <= n <= len(tree.MC_SIM_7B_63):
+            raise ValueError(f"`{name}`: Medusa's tree has {len(tree.MC_SIM_7B_63)} nodes, so n must lie in "
+                             f"[1, {len(tree.MC_SIM_7B_63)}]")
+        return tree.TreeSpec.from_choices(tree.MC_SIM_7B_63[:n])
     if m := re.fullmatch(r"chain(\d+)", name):
         return tree.chain(int(m.group(1)))
     if m := re.fullmatch(r"full(\d+)x(\d+)", name):
         return tree.full(int(m.group(1)), int(m.group(2)))
-    raise ValueError(f"unknown tree {name!r}: use small, mc_sim_7b_63, chain<n> or full<w>x<d>")
+    raise ValueError(f"unknown tree {name!r}: use small, mc_sim_7b_63, mc<n>, chain<n> or full<w>x<d>")
 
 
 def rule_for(method: str):
