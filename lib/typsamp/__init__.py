@@ -29,6 +29,9 @@ One module per idea; each chapter of the book uses the modules named here:
   index; :mod:`typsamp.medusa` Medusa-1 heads on the target, their self-distillation and
   proposer; :mod:`typsamp.tree_acceptance` typical acceptance against the exact tree rule on
   the heads (a CLI whose JSON chapter 10 loads).
+* :mod:`typsamp.llm_grid`  the LLM benchmark grid (chapter 11): every method and draft on the
+  test prompts of each category, speed beside the exact distance from p_T, diversity and
+  HumanEval pass@1 (a CLI).
 * :mod:`typsamp.distributed`  draft and target in two processes over ``torch.distributed``,
   one protocol per rule, bytes counted, shaped links (chapter 7).
 * :mod:`typsamp.hf`  everything that touches ``transformers``: the adapter for any Hugging
