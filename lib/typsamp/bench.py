@@ -740,22 +740,12 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
         return run
 
     def over_prompts(make_run, rows_list):
-        """Summed decode rate over prompts: total (long - short) tokens / total time difference."""
-        dn = dt = 0.0
-        outs = []
-        # Warm-up at the full length first: on the CPU, oneDNN builds (and caches) a kernel
-        # for every new shape, and every decode step's span is a new shape; a warm-up of a
-        # few tokens left those one-time costs inside the timed runs (in bfloat16, rates
-        # that were off by orders of magnitude). Prompts share their length, so one
-        # full-length run covers the shapes of all of them.
-        make_run(rows_list[0])(tokens)
-        for rows in rows_list:
-            run = make_run(rows)
-            t_s, n_s, _ = run(short)
-            t_l, n_l, out = run(tokens)
-            dn, dt = dn + n_l - n_s, dt + t_l - t_s
-            outs.append(out)
-        return dn / max(dt, 1e-9), outs
+        # A full-length warm-up first (inside _decode_rate): on the CPU, oneDNN builds (and
+        # caches) a kernel for every new shape, and every decode step's span is a new
+        # shape; a warm-up of a few tokens left those one-time costs inside the timed runs
+        # (in bfloat16, rates that were off by orders of magnitude). Prompts share their
+        # length, so one full-length run covers the shapes of all of them.
+        return _decode_rate(make_run, rows_list, tokens, short)
 
     spec_model = None
     for dtype_name, target in targets.items():

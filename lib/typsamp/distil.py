@@ -528,14 +528,6 @@ def save_draft(draft: Draft, path: Path | str = DRAFT_FILE, record: dict | None 
     return path
 
 
-def _embedding_from_cache(dtype, device) -> torch.Tensor:
-    from safetensors import safe_open
-
-    path = gemma._ready(None) / gemma.WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("model.embed_tokens.weight").to(device=device, dtype=dtype)
-
-
 def load_draft(dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", *,
                target: gemma.Gemma | None = None, path: Path | str = DRAFT_FILE) -> Draft:
     """The committed draft in ``dtype`` on ``device``, in eval mode, with the engine's
@@ -566,7 +558,7 @@ def load_draft(dtype: torch.dtype = torch.bfloat16, device: torch.device | str =
         if embedding.dtype != dtype or embedding.device != torch.device(device):
             embedding = embedding.detach().to(device=device, dtype=dtype)
     else:
-        embedding = _embedding_from_cache(dtype, device)
+        embedding = gemma.load_embedding(dtype, device)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     state["model.embed_tokens.weight"] = embedding
     with torch.device("meta"):

@@ -76,7 +76,7 @@ from typsamp.cache import KVCache as _GPTCache
 from typsamp.cache import check_tree
 
 __all__ = ["GemmaConfig", "Gemma", "KVCache", "NAME", "GGUF_FILE", "GGUF_BYTES", "GGUF_SHA256",
-           "cache_dir", "install", "verify", "load", "load_tokenizer", "InstallError"]
+           "cache_dir", "install", "verify", "load", "load_embedding", "load_tokenizer", "InstallError"]
 
 #: The name :func:`typsamp.model.load` dispatches on.
 NAME = "gemma-3-270m"
@@ -733,6 +733,17 @@ def _ready(directory: Path | str | None) -> Path:
     if problems:
         raise InstallError(f"the Gemma 3 270M cache is not usable: {'; '.join(problems)}. To build it: {FIX}")
     return directory
+
+
+def load_embedding(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                   directory: Path | str | None = None) -> torch.Tensor:
+    """The tied embedding [V, hidden] alone, read from the installed cache (drafts and heads
+    that share the target's output matrix load it this way without the whole model)."""
+    from safetensors import safe_open
+
+    path = _ready(directory) / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("model.embed_tokens.weight").to(device=device, dtype=dtype)
 
 
 def load(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -731,14 +731,6 @@ def save_heads(heads: MedusaHeads, path: Path | str = HEADS_FILE, record: dict |
     return path
 
 
-def _embedding_from_cache(dtype, device) -> torch.Tensor:
-    from safetensors import safe_open
-
-    path = gemma._ready(None) / gemma.WEIGHTS_FILE
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("model.embed_tokens.weight").to(device=device, dtype=dtype)
-
-
 def load_heads(dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", *,
                target: gemma.Gemma | None = None, rows: int | None = None,
                path: Path | str = HEADS_FILE, embedding: torch.Tensor | None = None) -> MedusaHeads:
@@ -762,7 +754,7 @@ def load_heads(dtype: torch.dtype = torch.bfloat16, device: torch.device | str =
             raise checks.InputTypeError(f"`target` must be a typsamp.gemma.Gemma, got {type(target).__name__}")
         embedding = target.model.embed_tokens.weight
     elif embedding is None:
-        embedding = _embedding_from_cache(dtype, device)
+        embedding = gemma.load_embedding(dtype, device)
     checks.tensor("embedding", embedding, floating=True)
     V, H = int(metadata["vocab_size"]), int(metadata["hidden"])
     if tuple(embedding.shape) != (V, H):
@@ -935,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
         from typsamp import drafts
 
         data = load_data()
-        embedding = _embedding_from_cache(torch.float32, "cpu")
+        embedding = gemma.load_embedding(torch.float32, "cpu")
         kept = ranked_kept(data, drafts.kept_tokens(), embedding.shape[0])
         recipe = replace(RECIPE, steps=args.steps, batch_size=args.batch_size)
         result = train(embedding, data, kept, recipe=recipe, n_heads=args.heads, seed=args.seed,
