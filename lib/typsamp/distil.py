@@ -533,20 +533,14 @@ def load_draft(dtype: torch.dtype = torch.bfloat16, device: torch.device | str =
     """The committed draft in ``dtype`` on ``device``, in eval mode, with the engine's
     model interface. Its embedding is ``target``'s own tensor when ``target`` (of the same
     dtype and device) is given, else read from the Gemma cache (``make install``)."""
-    from safetensors import safe_open
-
     if dtype not in checks.FLOAT_DTYPES:
         raise ValueError(f"`dtype` must be one of {checks.FLOAT_DTYPES}, got {dtype}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no draft at {path}: train one with `python -m typsamp.distil train`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a typsamp Gemma draft (format {metadata.get('format')!r})")
-        config = gemma.GemmaConfig(**json.loads(metadata["config"]))
-        layers = tuple(json.loads(metadata["layers_from_target"]))
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, metadata = provenance.read_safetensors(
+        path, FORMAT, what="a typsamp Gemma draft",
+        missing=f"no draft at {path}: train one with `python -m typsamp.distil train`")
+    config = gemma.GemmaConfig(**json.loads(metadata["config"]))
+    layers = tuple(json.loads(metadata["layers_from_target"]))
     kept = state.pop("kept_tokens").long().to(device)
     if target is not None:
         if not isinstance(target, gemma.Gemma):

@@ -89,16 +89,10 @@ def load_generations(path: Path | str | None = None) -> dict:
 
     Sampled at T = 1 from the bfloat16 target; a row that emitted EOS (id 1) ends with it.
     """
-    from safetensors import safe_open
-
     path = generations_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python -m typsamp.drafts frequencies`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != GENERATIONS_FORMAT:
-            raise ValueError(f"{path} is not a generations file (format {meta.get('format')!r})")
-        out = {k: f.get_tensor(k) for k in f.keys()}
+    out, meta = provenance.read_safetensors(
+        path, GENERATIONS_FORMAT, what="a generations file",
+        missing=f"{path} is missing: run `python -m typsamp.drafts frequencies`")
     out["prompts"] = json.loads(meta["prompts"])
     out["meta"] = json.loads(meta["settings"])
     return out

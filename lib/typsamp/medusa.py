@@ -318,16 +318,9 @@ def save_data(data: dict, path: Path | str | None = None, *, names: list[str] | 
 
 def load_data(path: Path | str | None = None) -> dict:
     """The stored data (see :func:`make_data`), with ``meta`` and ``names``."""
-    from safetensors import safe_open
-
     path = data_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `python -m typsamp.medusa data`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != DATA_FORMAT:
-            raise ValueError(f"{path} is not Medusa data (format {metadata.get('format')!r})")
-        out = {k: f.get_tensor(k) for k in f.keys()}
+    out, metadata = provenance.read_safetensors(
+        path, DATA_FORMAT, what="Medusa data", missing=f"{path} is missing: run `python -m typsamp.medusa data`")
     out["meta"] = json.loads(metadata["meta"])
     out["names"] = json.loads(metadata["names"])
     return out
@@ -737,18 +730,12 @@ def load_heads(dtype: torch.dtype = torch.bfloat16, device: torch.device | str =
     """The committed heads in ``dtype`` on ``device`` (eval mode, no gradients), over the
     first ``rows`` ranked kept ids (default: all 32,768). The tied head is ``target``'s
     embedding when given, else ``embedding``, else read from the Gemma cache (``make install``)."""
-    from safetensors import safe_open
-
     if dtype not in checks.FLOAT_DTYPES:
         raise ValueError(f"`dtype` must be one of {checks.FLOAT_DTYPES}, got {dtype}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Medusa heads at {path}: train them with `python -m typsamp.medusa train`")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a typsamp Medusa heads file (format {metadata.get('format')!r})")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, metadata = provenance.read_safetensors(
+        path, FORMAT, what="a typsamp Medusa heads file",
+        missing=f"no Medusa heads at {path}: train them with `python -m typsamp.medusa train`")
     if target is not None:
         if not isinstance(target, gemma.Gemma):
             raise checks.InputTypeError(f"`target` must be a typsamp.gemma.Gemma, got {type(target).__name__}")

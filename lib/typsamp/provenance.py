@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ROOT", "machine", "versions", "git_commit", "git_dirty", "load_average", "cpu_name", "describe"]
+__all__ = ["ROOT", "machine", "versions", "git_commit", "git_dirty", "load_average", "cpu_name", "describe",
+           "read_safetensors"]
 
 #: The repository root when typsamp runs from a checkout (``lib/typsamp/..``).
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,3 +149,22 @@ def describe(result: dict, name: str | None = None) -> str:
     commit = str(m.get("commit", "unknown"))
     lines.append(f"  commit {commit[:12]}{' with uncommitted changes (dirty)' if m.get('dirty') else ''}")
     return "\n".join(lines)
+
+
+def read_safetensors(path, fmt: str, *, missing: str, what: str) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file the project wrote with the format tag
+    ``fmt`` in its metadata (weights, data and generations files beside their records).
+
+    A missing file raises ``FileNotFoundError(missing)`` (the message says which command
+    makes it); a file with another tag raises ``ValueError`` naming the file as not ``what``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != fmt:
+            raise ValueError(f"{path} is not {what} (format {metadata.get('format')!r})")
+        return {k: f.get_tensor(k) for k in f.keys()}, metadata
