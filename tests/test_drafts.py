@@ -18,7 +18,7 @@ import torch
 
 from typsamp import drafts, gemma, generate, sampling
 import real_gemma
-from tiny_gemma import TINY, random_gemma
+from tiny_gemma import TINY, random_gemma, tiny_without_cache  # noqa: F401 (autouse fixture)
 from typsamp.speculative import ExactMatch, RejectionSampling
 
 
@@ -26,18 +26,6 @@ from typsamp.speculative import ExactMatch, RejectionSampling
 @pytest.fixture(scope="module")
 def tiny():
     return random_gemma()
-
-
-@pytest.fixture(autouse=True)
-def _tiny_without_cache(request):
-    """Every test starts and ends with the shared tiny model's cache cleared (the decode
-    loops leave theirs in place; a forward pass without offsets would continue it)."""
-    model = request.getfixturevalue("tiny") if "tiny" in request.fixturenames else None
-    if model is not None:
-        model.clear_cache()
-    yield
-    if model is not None:
-        model.clear_cache()
 
 
 def _kept(seed=1, k=48):

@@ -16,7 +16,7 @@ import torch
 
 from typsamp import gemma, generate, medusa, sampling, tree
 import real_gemma
-from tiny_gemma import TINY, random_gemma
+from tiny_gemma import TINY, random_gemma, tiny_without_cache  # noqa: F401 (autouse fixture)
 from typsamp.speculative import RejectionSampling
 from typsamp.typical import TypicalAcceptance
 
@@ -26,17 +26,6 @@ RECIPE = medusa.Recipe(steps=40, batch_size=32, lr=3e-3, min_lr=3e-4, warmup=4, 
 @pytest.fixture(scope="module")
 def tiny():
     return random_gemma()
-
-
-@pytest.fixture(autouse=True)
-def _tiny_without_cache(request):
-    """The shared tiny model starts and ends every test without a KV cache."""
-    model = request.getfixturevalue("tiny") if "tiny" in request.fixturenames else None
-    if model is not None:
-        model.clear_cache()
-    yield
-    if model is not None:
-        model.clear_cache()
 
 
 def _rows(n=12, seed=3):

@@ -6,6 +6,7 @@ and a global layer every second layer."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from typsamp import gemma
@@ -23,3 +24,16 @@ def random_gemma(config: gemma.GemmaConfig = TINY, seed: int = 0, scale: float =
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * (0.3 if "norm" in name else scale))
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def tiny_without_cache(request):
+    """Imported into a test module, every test there starts and ends with the module's
+    shared ``tiny`` model's cache cleared (the decode loops leave theirs in place; a
+    forward pass without offsets would continue it)."""
+    model = request.getfixturevalue("tiny") if "tiny" in request.fixturenames else None
+    if model is not None:
+        model.clear_cache()
+    yield
+    if model is not None:
+        model.clear_cache()

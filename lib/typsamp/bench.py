@@ -1002,29 +1002,27 @@ def bench_medusa(target, heads, trees: dict, prompt_rows: torch.Tensor, *, setti
         costs[name]["pass_ratio"] = _sig(costs[name]["pass_ms"] / one_ms)
         costs[name]["heads_ratio"] = _sig(costs[name]["heads_ms"] / one_ms)
     ar, rows = {}, []
-    for T in s["temperatures"]:
-        warp = sampling.Warp(temperature=T)
-
-        def ar_run(r):
+    def ar_runs(model, warp):
+        def make(r):
             def run(n):
-                out = generate.autoregressive(target, r, n, warp=warp, seed=seed)
+                out = generate.autoregressive(model, r, n, warp=warp, seed=seed)
                 return out.wall_time, int(out.lengths.sum()), out
             return run
-        ar[T], _ = _decode_rate(ar_run, prompt_list, tokens, short)
-        rows.append({"method": "autoregressive", "temperature": T, "tokens_per_s": _sig(ar[T]),
-                     "ms_per_token": _sig(1e3 / ar[T]), "dtype": str(target.model.embed_tokens.weight.dtype)})
-        best = ar[T]
-        if reference is not None:
-            def ref_run(r):
-                def run(n):
-                    out = generate.autoregressive(reference, r, n, warp=warp, seed=seed)
-                    return out.wall_time, int(out.lengths.sum()), out
-                return run
-            ref_rate, _ = _decode_rate(ref_run, prompt_list, tokens, short)
-            rows.append({"method": "autoregressive", "temperature": T, "tokens_per_s": _sig(ref_rate),
-                         "ms_per_token": _sig(1e3 / ref_rate),
-                         "dtype": str(reference.model.embed_tokens.weight.dtype), "reference": True})
-            best = max(best, ref_rate)
+        return make
+
+    for T in s["temperatures"]:
+        warp = sampling.Warp(temperature=T)
+        best = 0.0
+        for model in (target,) if reference is None else (target, reference):
+            rate, _ = _decode_rate(ar_runs(model, warp), prompt_list, tokens, short)
+            row = {"method": "autoregressive", "temperature": T, "tokens_per_s": _sig(rate),
+                   "ms_per_token": _sig(1e3 / rate), "dtype": str(model.model.embed_tokens.weight.dtype)}
+            if model is target:
+                ar[T] = rate
+            else:
+                row["reference"] = True
+            rows.append(row)
+            best = max(best, rate)
         bar.update()
         for name, spec in trees.items():
             for rule_name in s["rules"]:

@@ -144,6 +144,16 @@ def _distances(method: str, p_x: torch.Tensor, origin: torch.Tensor) -> tuple[to
     return zero, zero                                   # exact, autoregressive: p_T itself
 
 
+def _decode(target, proposer, rows, rule, T: float, new_tokens: int, seeds, eos_token_id):
+    """Autoregressive decoding when ``rule`` is None, else speculative decoding with
+    ``proposer`` and ``rule``, at temperature ``T``, one seed per row."""
+    warp = sampling.Warp(temperature=T)
+    if rule is None:
+        return generate.autoregressive(target, rows, new_tokens, warp=warp, eos_token_id=eos_token_id, seed=seeds)
+    return generate.speculative(target, proposer, rows, new_tokens, rule=rule, warp=warp,
+                                eos_token_id=eos_token_id, seed=seeds)
+
+
 def measure(target, proposer, prompt_rows: list[torch.Tensor], method: str, T: float, *,
             new_tokens: int = 32, seed: int = 0, eos_token_id=None):
     """One cell: ``method`` at temperature ``T`` over ``prompt_rows`` (per-row seeds
@@ -153,14 +163,9 @@ def measure(target, proposer, prompt_rows: list[torch.Tensor], method: str, T: f
     :class:`typsamp.generate.Generation`."""
     T = checks.real("T", T, low=0.0)
     rule = rule_for(method)
-    warp = sampling.Warp(temperature=T)
-    seeds = [seed * 1000 + i for i in range(len(prompt_rows))]
     rows = list(prompt_rows)
-    if rule is None:
-        out = generate.autoregressive(target, rows, new_tokens, warp=warp, eos_token_id=eos_token_id, seed=seeds)
-    else:
-        out = generate.speculative(target, proposer, rows, new_tokens, rule=rule, warp=warp,
-                                   eos_token_id=eos_token_id, seed=seeds)
+    out = _decode(target, proposer, rows, rule, T, new_tokens, [seed * 1000 + i for i in range(len(rows))],
+                  eos_token_id)
     tv_rows, kl_rows, ties = [], [], 0
     for b, prompt in enumerate(rows):
         L = int(out.lengths[b])
@@ -212,15 +217,8 @@ def diversity(target, proposer, prompt: torch.Tensor, method: str, T: float, tok
     """``samples`` generations of one prompt (seeds ``seed .. seed + samples - 1``): the
     share of distinct bigrams over all samples' bigrams (distinct-2 across samples), how
     many of the samples are distinct texts, and the first two texts."""
-    rule = rule_for(method)
-    warp = sampling.Warp(temperature=T)
-    rows = [prompt] * samples
-    seeds = [seed + i for i in range(samples)]
-    if rule is None:
-        out = generate.autoregressive(target, rows, new_tokens, warp=warp, eos_token_id=eos_token_id, seed=seeds)
-    else:
-        out = generate.speculative(target, proposer, rows, new_tokens, rule=rule, warp=warp,
-                                   eos_token_id=eos_token_id, seed=seeds)
+    out = _decode(target, proposer, [prompt] * samples, rule_for(method), T, new_tokens,
+                  [seed + i for i in range(samples)], eos_token_id)
     seqs = [tuple(out.tokens[b, :int(out.lengths[b])].tolist()) for b in range(samples)]
     bigrams = [(s[i], s[i + 1]) for s in seqs for i in range(len(s) - 1)]
     return {"method": method, "temperature": float(T), "samples": samples,
