@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from typsamp import checks, gemma, provenance
+from typsamp.train import learning_rate   # warm-up, then cosine decay: the recipe as a preset
 
 __all__ = ["LAYERS", "KEEP", "TOP_K", "Recipe", "RECIPE", "Draft", "build_draft", "make_targets",
            "targets_path", "temporary_kept_tokens", "kept_tokens", "train", "evaluate", "save_draft",
@@ -392,13 +393,6 @@ def evaluate(draft: Draft, data: _Data, which: list[int] | None = None, *, devic
         kl, matches, n = kl + float(k), matches + int(m), n + count
     draft.body.train(was)
     return {"kl": kl / max(n, 1), "argmax_agreement": matches / max(n, 1), "positions": n}
-
-
-def learning_rate(step: int, recipe: Recipe) -> float:
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = min(1.0, (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup))
-    return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def train(target: gemma.Gemma, targets: dict, kept: torch.Tensor, *, recipe: Recipe = RECIPE,

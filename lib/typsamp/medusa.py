@@ -100,6 +100,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from typsamp import checks, gemma, provenance, sampling
+from typsamp.train import learning_rate   # warm-up, then cosine decay: the recipe as a preset
 
 __all__ = ["HEADS", "TOP_K", "NEW_TOKENS", "PROMPT_TOKENS", "VAL_EVERY", "PUBLISHED_ACCURACY", "Recipe",
            "RECIPE", "MedusaHeads", "MedusaProposer", "make_data", "data_path", "save_data", "load_data",
@@ -552,13 +553,6 @@ def accuracy(heads: MedusaHeads, pairs: _Pairs, anchors: torch.Tensor | None = N
         out[name] = {label: {"top1": [round(float(x), 4) for x in v[:, 0] / n],
                              "top5": [round(float(x), 4) for x in v[:, 1] / n]} for label, v in hits[name].items()}
     return out
-
-
-def learning_rate(step: int, recipe: Recipe) -> float:
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = min(1.0, (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup))
-    return recipe.min_lr + 0.5 * (recipe.lr - recipe.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def _sha(t: torch.Tensor) -> str:
