@@ -100,6 +100,7 @@ from typing import Protocol, Sequence
 import torch
 
 from typsamp import checks, sampling, stats
+from typsamp import tree as tree_tables
 from typsamp.speculative import RejectionSampling
 
 __all__ = ["Generation", "Proposal", "Proposer", "DraftModel", "Tree", "tree", "autoregressive",
@@ -243,30 +244,17 @@ class Tree:
 
 def tree(parents: torch.Tensor) -> Tree:
     """Check ``parents`` (int64 [N], N >= 1, ``-1 <= parents[i] < i``) and derive the
-    positions, ancestor mask and leaves of the candidates (one host read)."""
-    checks.tensor("parents", parents)
-    if parents.dtype != torch.long or parents.dim() != 1 or parents.numel() < 1:
-        raise ValueError(f"`parents` must be int64 of shape [N] with N >= 1, got {parents.dtype} "
-                         f"of shape {tuple(parents.shape)}")
-    values = parents.tolist()
-    for i, p in enumerate(values):
-        if not -1 <= p < i:
-            raise ValueError(f"`parents[{i}]` = {p} must lie in [-1, {i}): a parent comes before its child")
-    N = len(values)
-    depth = [0] * (N + 1)
-    ancestors = torch.zeros(N + 1, N + 1, dtype=torch.bool)
-    ancestors[0, 0] = True
-    leaf = [True] * (N + 1)
-    for i, p in enumerate(values):
-        node, up = i + 1, p + 1
-        depth[node] = depth[up] + 1
-        ancestors[node] = ancestors[up]
-        ancestors[node, node] = True
-        leaf[up] = False
-    device = parents.device
-    return Tree(parents=parents, chain=values == list(range(-1, N - 1)),
-                depths=torch.tensor(depth, device=device), ancestors=ancestors.to(device),
-                leaf=torch.tensor(leaf, device=device), depth=max(depth))
+    positions, ancestor mask and leaves of the candidates, from the tree rules' own
+    :func:`typsamp.tree.topology` (one host read, shared with them)."""
+    topo = tree_tables.topology(parents)
+    N = parents.numel()
+    ancestors = torch.zeros(N + 1, N + 1, dtype=torch.bool, device=parents.device)
+    ancestors[:, 0] = True                                   # every node sees the root
+    rows = torch.arange(N + 1, device=parents.device)[:, None].expand_as(topo.root_paths)
+    on_path = topo.root_paths >= 0
+    ancestors[rows[on_path], topo.root_paths[on_path] + 1] = True
+    return Tree(parents=parents, chain=topo.chain, depths=topo.depth, ancestors=ancestors,
+                leaf=topo.children[:, 0] < 0, depth=topo.max_depth)
 
 
 class Proposer(Protocol):
