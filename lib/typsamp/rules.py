@@ -144,25 +144,18 @@ def emit(draft_tokens: torch.Tensor, accepted: torch.Tensor, extra: torch.Tensor
     return Verdict(tokens=tokens, accepted=accepted)
 
 
-def _check_parents(parents, draft_tokens, validate: bool) -> torch.Tensor:
-    """``parents`` (int64 [N], on the tokens' device, N = the candidates per row; with
-    ``validate`` also ``-1 <= parents[i] < i``, a host read). The shapes of the
-    probabilities are :func:`check_step`'s: a tree of N candidates has N + 1 rows of p."""
+def _check_parents(parents, draft_tokens) -> torch.Tensor:
+    """``parents`` is a tensor of one entry per candidate (``draft_tokens`` [B, N]), so the
+    shapes of the probabilities are :func:`check_step`'s: a tree of N candidates has N + 1
+    rows of p. Its dtype and order (``-1 <= parents[i] < i``) are checked by the rule's
+    tree kernel (:func:`typsamp.tree.topology`, once per tensor), which this module cannot
+    import (the tree module builds on it)."""
     checks.tensor("parents", parents)
-    if parents.dtype != torch.long or parents.dim() != 1:
-        raise ValueError(f"`parents` must be int64 of shape [N], got {parents.dtype} of shape "
-                         f"{tuple(parents.shape)}")
-    if isinstance(draft_tokens, torch.Tensor) and draft_tokens.dim() == 2:
+    if isinstance(draft_tokens, torch.Tensor) and draft_tokens.dim() == 2 and parents.dim() == 1:
         N = parents.numel()
         if draft_tokens.shape[1] != N:
             raise ValueError(f"a tree of {N} candidates needs `draft_tokens` of shape [B, {N}], got "
                              f"{tuple(draft_tokens.shape)}")
-        if parents.device != draft_tokens.device:
-            raise ValueError(f"`parents` is on {parents.device} but `draft_tokens` on {draft_tokens.device}")
-    if validate:
-        for i, up in enumerate(parents.tolist()):
-            if not -1 <= up < i:
-                raise ValueError(f"`parents[{i}]` = {up} must lie in [-1, {i}): a parent comes before its child")
     return parents
 
 
@@ -211,7 +204,7 @@ class Rule:
         if parents is not None:
             if not self.supports_tree:
                 raise ValueError(f"the rule {self.name!r} does not verify trees (its supports_tree is False)")
-            parents = _check_parents(getattr(parents, "parents", parents), draft_tokens, validate)
+            parents = _check_parents(getattr(parents, "parents", parents), draft_tokens)
         if self.needs_draft_probs:
             check_step(draft_tokens, draft_probs, target_probs, generator, validate)
         else:
