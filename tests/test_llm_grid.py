@@ -193,6 +193,8 @@ def test_wilson_interval():
     z = 1.959964
     low, high = llm_grid.wilson(0, 10)
     assert low == 0 and high == pytest.approx(z * z / (10 + z * z))
+    for n in range(1, 40):                       # the bounds at 0 and n are exact, never 1e-17 off
+        assert llm_grid.wilson(0, n)[0] == 0.0 and llm_grid.wilson(n, n)[1] == 1.0
     low, high = llm_grid.wilson(5, 10)
     assert low + high == pytest.approx(1.0) and 0.2 < low < 0.25   # 0.2366 (Wilson 1927)
     with pytest.raises(ValueError, match="exceeds"):
@@ -359,7 +361,8 @@ def test_run_end_to_end_on_the_tiny_system(system, monkeypatch, tmp_path):
     settings = {"categories": ("gsm8k", "code"), "batch_categories": ("code",), "tokens": 4, "short": 2,
                 "samples": 2, "prompts": 2, "prompt_tokens": 8, "exec_timeout": 1.0}
     partial = tmp_path / "grid.json"
-    record = llm_grid.run(True, progress=False, settings=settings, partial=partial)
+    human = {"problems": 3, "tokens": 4, "batch": 2, "prompt_tokens": 12}
+    record = llm_grid.run(True, progress=False, settings=settings, partial=partial, human=human)
     text = json.dumps(record, allow_nan=False)
     assert json.loads(partial.read_text())["complete"] is False and record["complete"] is True
     assert record["smoke_output"] is True and "say nothing about speed" in record["note"]
@@ -376,3 +379,87 @@ def test_run_end_to_end_on_the_tiny_system(system, monkeypatch, tmp_path):
     assert all(c["pass_at_1"]["n"] == (2 if c["batch"] == 1 else 8) for c in measured if c["category"] == "code")
     assert all(c["setting_role"] in ("best", "common", "best+common") for c in measured if isinstance(c["setting"], int))
     assert record["full_run_estimate"]["seconds"] > 0 and "NaN" not in text
+    # pass@1 over the code test split: one run per (method, draft, T) of the quick list,
+    # every problem once, the interval around the estimate
+    runs = record["humaneval"]["runs"]
+    assert [(r["method"], r["draft"], r["temperature"]) for r in runs] == \
+        [tuple(x) for x in llm_grid.HUMANEVAL_QUICK["runs"]]
+    for r in runs:
+        assert r["n"] == 3 and r["passed"] == round(r["pass_at_1"] * 3) and len(r["failures"]) == 3
+        assert r["ci95"][0] <= r["pass_at_1"] <= r["ci95"][1] and 0 <= r["stopped"] <= 1
+
+
+def test_humaneval_cuts_each_completion_at_eos_and_stop_sequences(system, monkeypatch):
+    # Decoding replaced by fixed generations: every test problem is decoded once, in
+    # batches, in order; the text after EOS is dropped, then HumanEval's stop sequences cut
+    # it; `stopped` counts the completions a stop sequence cut.
+    problems = llm_grid.humaneval_problems()
+
+    class Tok(_CharTokenizer):
+        def decode(self, ids):                    # ids are code points here; EOS (1) is none
+            return "".join(map(chr, ids))
+
+    tok = Tok()
+    eos = system["target"].config.eos_token_id
+    assert eos < 32
+    names = [p.id for p in llm_grid.prompts.load("code", "test")][:5]
+    bodies = ["    return 1\ndef g():", "    x = 2", "    return 3\nprint(1)", "    y", "    return 5"]
+    calls = []
+
+    class Gen:
+        def __init__(self, texts):
+            ids = [[ord(c) for c in t] for t in texts]
+            ids[0] = ids[0] + [eos] + [40, 41]        # EOS then more tokens, in the first row of each batch
+            width = max(map(len, ids))
+            self.tokens = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+            self.lengths = torch.tensor([len(x) for x in ids])
+
+    def fake(cell, sys_, rows, n, seeds):
+        start = sum(len(c) for c in calls)
+        calls.append(rows)
+        return Gen(bodies[start:start + len(rows)])
+
+    seen = {}
+
+    def fake_pass(chosen, completions, timeout):
+        seen["ids"] = [p["task_id"] for p in chosen]
+        seen["completions"] = completions
+        return {"pass_at_1": 0.0, "passed": 0, "n": len(chosen), "ci95": [0.0, 0.5], "results": ["x"] * len(chosen),
+                "sandbox": "none"}
+
+    monkeypatch.setattr(llm_grid, "_decode", fake)
+    monkeypatch.setattr(llm_grid, "pass_at_1", fake_pass)
+    sys_ = {**system, "tokenizer": tok, "problems": problems}
+    out = llm_grid.humaneval(sys_, {"runs": (("autoregressive", None, 0.0),), "problems": 5, "batch": 2,
+                                     "tokens": 4, "prompt_tokens": 12})
+    assert [len(r) for r in calls] == [2, 2, 1]
+    assert seen["ids"] == names
+    eos_text = tok.decode([eos])
+    assert all(eos_text + tok.decode([40, 41]) not in c for c in seen["completions"])
+    assert seen["completions"] == ["    return 1", "    x = 2", "    return 3", "    y", "    return 5"]
+    assert out[0]["stopped"] == pytest.approx(2 / 5) and out[0]["n"] == 5
+
+
+def test_best_gammas_from_a_file_or_a_record(tmp_path):
+    record = {"speculative": [{"draft": "trimmed", "temperature": 0.7, "gamma": 6},
+                              {"draft": "distil", "temperature": 0, "gamma": 2}]}
+    path = tmp_path / "llm_bench.json"
+    path.write_text(json.dumps(record))
+    want = {("trimmed", 0.7): 6, ("distil", 0.0): 2}
+    assert llm_grid.best_gammas(record) == want == llm_grid.best_gammas(path)
+    assert llm_grid.best_gammas(tmp_path / "absent.json") == {}
+
+
+def test_bench_llm_quick_runs_only_the_grid(monkeypatch, tmp_path):
+    # `python -m typsamp.bench llm --quick` writes {"grid": llm_grid.run(quick=True)} and
+    # nothing of chapter 9's part (which takes minutes).
+    from typsamp import bench
+
+    calls = []
+    monkeypatch.setattr(llm_grid, "run", lambda quick=False, **k: calls.append(quick) or
+                        {"cells": [], "wall_seconds": 0.0})
+    monkeypatch.setattr(bench, "bench_llm", lambda *a, **k: pytest.fail("chapter 9's part ran"))
+    out = tmp_path / "quick.json"
+    monkeypatch.setattr("sys.argv", ["bench", "llm", "--quick", "--out", str(out)])
+    bench.main()
+    assert calls == [True] and json.loads(out.read_text()) == {"grid": {"cells": [], "wall_seconds": 0.0}}

