@@ -719,3 +719,22 @@ def test_row_seeds_must_match_the_batch():
         sample(torch.full((3, 4), 0.25), generator=RowSeeds([1, 2]))
     with pytest.raises(ValueError, match="RowSeeds for 2 rows"):
         uniform((3, 1), dtype=torch.float32, device="cpu", generator=RowSeeds([1, 2]))
+
+
+def test_warp_skips_the_nan_rescue_only_where_the_temperature_survives_the_cast():
+    # The 0/0 rescue is needed only when T rounds to 0 in the compute dtype; elsewhere the
+    # result is plain softmax((z - max z) / T), bit for bit.
+    from typsamp.sampling import Warp, _rounds_to_zero
+
+    assert _rounds_to_zero(1e-46, torch.float32) and not _rounds_to_zero(1e-40, torch.float32)
+    assert not _rounds_to_zero(1e-46, torch.float64) and not _rounds_to_zero(0.7, torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 1000, generator=g) * 5
+    for T in (0.3, 0.7, 1.7):
+        want = torch.softmax((z - z.amax(-1, keepdim=True)) / T, dim=-1)
+        assert torch.equal(Warp(temperature=T)(z), want)
+    out = Warp(temperature=1e-46)(torch.tensor([[1.0, 2.0, 0.5]]))
+    assert torch.equal(out, torch.tensor([[0.0, 1.0, 0.0]]))
+    z0 = z.clone()
+    Warp(temperature=0.5)(z)                      # the caller's logits are never written
+    assert torch.equal(z, z0)

@@ -650,3 +650,18 @@ def test_law_functions_check_their_input():
         tree.target_law(x, p * 2, spec)
     with pytest.raises(TypeError, match="torch.Tensor"):
         tree.target_law(x.tolist(), p, spec)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_topology_inner_rows_are_exactly_the_parents(seed):
+    # inner: the rows (root 0, candidate i at 1 + i) that some candidate is scored against;
+    # up_inner maps each candidate's parent row into it. Built independently here.
+    g = torch.Generator().manual_seed(seed)
+    N = int(torch.randint(1, 30, (1,), generator=g))
+    parents = torch.tensor([int(torch.randint(-1, i, (1,), generator=g)) if i else -1 for i in range(N)])
+    topo = tree.topology(parents)
+    want = sorted({p + 1 for p in parents.tolist()})
+    assert topo.inner.tolist() == want and topo.inner.dtype == torch.long
+    assert torch.equal(topo.inner[topo.up_inner], parents + 1)
+    leaves = [i + 1 for i in range(N) if i not in parents.tolist()]
+    assert not set(leaves) & set(topo.inner.tolist())

@@ -354,8 +354,8 @@ class DraftModel:
         self.passes += 1
         # Each pass's largest logit per row certifies its logits (finite iff no NaN, no
         # +inf and some finite entry; checked in the engine's one sync per step). Greedy
-        # drafts get it with the argmax; the warp cannot tell (it maps NaN rows to
-        # uniform ones at T != 1), so sampled drafts take it separately.
+        # drafts get it with the argmax; the warp cannot tell (it returns such rows
+        # without a flag), so sampled drafts take it separately.
         drafts, q_rows, maxima = [], [], []
         for i in range(gamma):
             if self.take_argmax:                         # the warp keeps the argmax: skip it

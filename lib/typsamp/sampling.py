@@ -39,12 +39,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
 
 from typsamp import checks
 from typsamp.rng import RowSeeds, uniform
 
 __all__ = ["Warp", "probs", "entropy", "sample", "sample_weights", "uniform", "RowSeeds"]
+
+
+@functools.lru_cache(maxsize=64)
+def _rounds_to_zero(temperature: float, dtype: torch.dtype) -> bool:
+    """Whether a positive ``temperature`` becomes 0 when an op casts it to ``dtype``."""
+    return float(torch.tensor(temperature, dtype=dtype)) == 0.0
 
 
 @dataclass(frozen=True)
@@ -117,10 +125,15 @@ class Warp:
             # (z - max z) / T: the same distribution as z / T (softmax ignores shifts), but
             # every entry is <= 0, so a tiny temperature (or one that rounds to 0 in float32)
             # underflows to a one-hot instead of overflowing to inf and NaN. The maxima give
-            # 0/0 only when T rounds to 0, and are read as 0. No data-dependent branch: the
-            # decode loop stays free of host synchronisation.
-            z = (z - z.amax(dim=-1, keepdim=True)) / self.temperature
-            z = torch.where(torch.isnan(z), torch.zeros_like(z), z)
+            # 0/0 only when T rounds to 0 in the compute dtype (a host-side fact about T), and
+            # are then read as 0; otherwise NaN can only come from NaN, +inf or all -inf
+            # rows, which the decode loops certify from the logits' maxima. No data-dependent
+            # branch: the decode loop stays free of host synchronisation. The shifted copy is
+            # divided in place (on [rows, 262144] every pass and every fresh buffer shows).
+            shifted = torch.sub(z, z.amax(dim=-1, keepdim=True))
+            z = shifted.div_(self.temperature)
+            if _rounds_to_zero(self.temperature, z.dtype):
+                z = torch.where(torch.isnan(z), torch.zeros_like(z), z)
         if self.top_k is not None:
             z = _top_k(z, self.top_k)
         if self.top_p is not None and self.top_p < 1.0:

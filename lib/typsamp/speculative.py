@@ -169,11 +169,17 @@ class RejectionSampling(Rule):
         topo = tree.check_step(draft_tokens, target_probs, parents)
         B, N = draft_tokens.shape
         dtype = checks.compute_dtype(target_probs)
-        p = normalised(target_probs, dtype)                                # [B, N+1, V]
+        # normalised(target_probs) read only where the walk reads it: every row's sum, then
+        # the visited rows divided by theirs (the same divisions, the same bits, without a
+        # pass over every leaf's row).
+        raw = target_probs.to(dtype)                                       # [B, N+1, V]
+        total = raw.sum(dim=-1, keepdim=True)
+        total = torch.where(total > 0, total, torch.ones_like(total))
         # One uniform per node, drawn as the chain rule draws one per draft (the same
         # stream on a chain); a node's number is used only when the walk tests it.
-        u = uniform((B, N), dtype=dtype, device=p.device, generator=generator)
-        rows = torch.arange(B, device=p.device)
+        u = uniform((B, N), dtype=dtype, device=raw.device, generator=generator)
+        rows = torch.arange(B, device=raw.device)
+        p = raw
         earlier = torch.ones(topo.width, topo.width, dtype=torch.bool, device=p.device).tril(-1)
         at = torch.full((B,), -1, dtype=torch.long, device=p.device)       # the walk's node
         going = torch.ones(B, dtype=torch.bool, device=p.device)
@@ -182,7 +188,7 @@ class RejectionSampling(Rule):
             valid = kids >= 0
             index = kids.clamp(min=0)
             x = draft_tokens.gather(1, index)                              # children's tokens
-            p_x = p[rows, at + 1].gather(1, x)                             # p_v(x_c)  [B, W]
+            p_x = p[rows, at + 1].gather(1, x) / total[rows, at + 1]        # p_v(x_c)  [B, W]
             # A child whose token an earlier sibling already carried has residual 0.
             repeat = ((x[:, :, None] == x[:, None, :]) & valid[:, None, :] & earlier).any(-1)
             r_x = torch.where(valid & ~repeat, p_x, 0)
@@ -197,7 +203,7 @@ class RejectionSampling(Rule):
         # the extra token comes from p_at with those children's tokens removed.
         kids = topo.children[at + 1]
         x = draft_tokens.gather(1, kids.clamp(min=0))
-        p_n = p[rows, at + 1]
+        p_n = p[rows, at + 1] / total[rows, at + 1]
         removed = torch.zeros_like(p_n).scatter_add_(1, x, (kids >= 0).to(dtype)) > 0
         residual = p_n.masked_fill(removed, 0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)

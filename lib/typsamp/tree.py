@@ -253,6 +253,11 @@ class Topology:
             of ``paths``, which is Medusa's.
         max_depth: D.
         width: W.
+        inner: int64 [I], the rows (of the [N + 1, ...] tables, root 0 included) that have
+            children, increasing: the only rows whose distribution a candidate is scored
+            against (the others are leaves).
+        up_inner: int64 [N], candidate i's parent row as an index into ``inner``
+            (``inner[up_inner[i]] = parents[i] + 1``).
     """
 
     parents: torch.Tensor
@@ -263,6 +268,8 @@ class Topology:
     retrieve: torch.Tensor
     max_depth: int
     width: int
+    inner: torch.Tensor
+    up_inner: torch.Tensor
 
 
 def _build(parents: torch.Tensor) -> Topology:
@@ -295,10 +302,14 @@ def _build(parents: torch.Tensor) -> Topology:
     def table(rows, width):
         return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
 
+    inner = [row for row in range(N + 1) if kids[row]]
+    where = {row: k for k, row in enumerate(inner)}
+
     return Topology(parents=parents, chain=up == list(range(-1, N - 1)), children=table(kids, W),
                     depth=torch.tensor([0] + depth, dtype=torch.long, device=device),
                     root_paths=table(rootpath, D), retrieve=torch.tensor(retrieve, dtype=torch.long, device=device),
-                    max_depth=D, width=W)
+                    max_depth=D, width=W, inner=torch.tensor(inner, dtype=torch.long, device=device),
+                    up_inner=torch.tensor([where[p + 1] for p in up], dtype=torch.long, device=device))
 
 
 # id(parents) -> (weak reference to parents, its Topology); a few entries suffice (a

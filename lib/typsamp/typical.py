@@ -228,11 +228,20 @@ class TypicalAcceptance(Rule):
         """Medusa's ``evaluate_posterior`` (fast) on a tree (module docstring, "Trees")."""
         topo = tree.check_step(draft_tokens, target_probs, parents)
         B, N = draft_tokens.shape
-        p = _float(target_probs)                                             # [B, N+1, V]
-        rows = torch.arange(B, device=p.device)[:, None]
+        # What _float (normalised rows) would give, computed only where it is read: every
+        # row's sum, p_parent(x_i) divided by its row's sum, the rows with children whole
+        # (for the threshold's entropy), the path's end row for the extra token. The same
+        # divisions of the same numbers, so the same bits, without passes over the leaves'
+        # [262144]-wide rows.
+        dtype = checks.compute_dtype(target_probs)
+        raw = target_probs.to(dtype)
+        total = raw.sum(dim=-1)                                              # [B, N+1]
+        total = torch.where(total > 0, total, torch.ones_like(total))
+        rows = torch.arange(B, device=raw.device)[:, None]
         up = topo.parents + 1                                                # parent's row of p
-        p_x = p[rows, up, draft_tokens]                                      # p_parent(x_i) [B, N]
-        passes = p_x > _bound(p, self.epsilon, self.delta, self.entropy)[:, up]
+        p_x = raw[rows, up, draft_tokens] / total[:, up]                     # p_parent(x_i) [B, N]
+        inner = raw[:, topo.inner] / total[:, topo.inner, None]              # [B, I, V]
+        passes = p_x > _bound(inner, self.epsilon, self.delta, self.entropy)[:, topo.up_inner]
         # Root paths: a node stands when it and all its ancestors pass; the likelihood of
         # its path is the sum of log p_parent(x) from the root down. One sweep per level.
         log_p = torch.where(passes, torch.log(p_x), 0)
@@ -249,7 +258,9 @@ class TypicalAcceptance(Rule):
         tied = tied & (loglik == loglik.max(dim=1, keepdim=True).values)
         end = torch.where(tied, topo.retrieve, N).argmin(dim=1)
         end = torch.where(best.squeeze(1) > 0, end, -1)
-        return tree.path_verdict(topo, draft_tokens, end, self._extra(p[rows.squeeze(1), end + 1], generator))
+        b = rows.squeeze(1)
+        p_end = raw[b, end + 1] / total[b, end + 1, None]
+        return tree.path_verdict(topo, draft_tokens, end, self._extra(p_end, generator))
 
 
 def threshold(probs: torch.Tensor, epsilon: float = 0.09, delta: float = 0.3, *,
