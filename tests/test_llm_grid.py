@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -451,15 +452,39 @@ def test_best_gammas_from_a_file_or_a_record(tmp_path):
 
 
 def test_bench_llm_quick_runs_only_the_grid(monkeypatch, tmp_path):
-    # `python -m typsamp.bench llm --quick` writes {"grid": llm_grid.run(quick=True)} and
-    # nothing of chapter 9's part (which takes minutes).
+    # `python -m typsamp.bench llm --quick` runs `python -m typsamp.llm_grid --quick` in a
+    # child and writes {"grid": its record}, and nothing of chapter 9's part.
     from typsamp import bench
 
     calls = []
-    monkeypatch.setattr(llm_grid, "run", lambda quick=False, **k: calls.append(quick) or
-                        {"cells": [], "wall_seconds": 0.0})
+
+    def child(command, check):
+        calls.append(command)
+        out = command[command.index("--out") + 1]
+        Path(out).write_text(json.dumps({"cells": [], "wall_seconds": 0.0}))
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
     monkeypatch.setattr(bench, "bench_llm", lambda *a, **k: pytest.fail("chapter 9's part ran"))
     out = tmp_path / "quick.json"
-    monkeypatch.setattr("sys.argv", ["bench", "llm", "--quick", "--out", str(out)])
+    monkeypatch.setattr("sys.argv", ["bench", "llm", "--quick", "--out", str(out), "--threads", "1"])
     bench.main()
-    assert calls == [True] and json.loads(out.read_text()) == {"grid": {"cells": [], "wall_seconds": 0.0}}
+    assert len(calls) == 1 and calls[0][1:4] == ["-m", "typsamp.llm_grid", "--quick"]
+    assert "--best-from" not in calls[0]
+    assert json.loads(out.read_text()) == {"grid": {"cells": [], "wall_seconds": 0.0}}
+
+
+def test_the_grid_child_gets_this_runs_gammas(monkeypatch, tmp_path):
+    # After chapter 9's part, the grid runs at the gammas that part found best: the child
+    # is handed them as a file best_gammas() reads back.
+    from typsamp import bench
+
+    record = {"speculative": [{"draft": "trimmed", "temperature": 0.7, "gamma": 6}]}
+    seen = {}
+
+    def child(command, check):
+        seen["best"] = llm_grid.best_gammas(command[command.index("--best-from") + 1])
+        Path(command[command.index("--out") + 1]).write_text('{"cells": []}')
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    assert bench._run_grid([], record, 2) == {"cells": []}
+    assert seen["best"] == {("trimmed", 0.7): 6}

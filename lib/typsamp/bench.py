@@ -901,6 +901,25 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
     }
 
 
+def _run_grid(flags: list[str], record: dict | None, threads: int | None) -> dict:
+    """Chapter 11's grid (``python -m typsamp.llm_grid``) in a child process, at the γ
+    that ``record`` (this run's chapter 9 part) found best; returns its JSON record. A
+    child, not an import: :mod:`typsamp.llm_grid` builds on this module, and the grid
+    starts with a fresh process's memory after chapter 9's models are gone."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "grid.json"
+        command = [sys.executable, "-m", "typsamp.llm_grid", *flags, "--out", str(out),
+                   "--threads", str(threads or torch.get_num_threads())]
+        if record is not None:
+            best = Path(tmp) / "best.json"
+            best.write_text(json.dumps({"speculative": record["speculative"]}))
+            command += ["--best-from", str(best)]
+        subprocess.run(command, check=True)
+        return json.loads(out.read_text())
+
+
 def _decode_rate(make_run, rows_list, tokens: int, short: int):
     """Summed decode rate over prompts: total (long - short) tokens / total time difference,
     after one full-length warm-up run (see :func:`bench_llm`); ``make_run(rows)`` returns
@@ -1371,11 +1390,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     if args.command == "llm":
-        from typsamp import gemma, llm_grid
+        from typsamp import gemma
 
         if args.quick:
             out = args.out or ROOT / "_build" / "llm_bench_quick.json"
-            result = {"grid": llm_grid.run(quick=True)}
+            result = {"grid": _run_grid(["--quick"], None, args.threads)}
         else:
             targets = {"float32": lambda: gemma.load(dtype=torch.float32),
                        "bfloat16": lambda: gemma.load(dtype=torch.bfloat16)}
@@ -1386,10 +1405,10 @@ def main(argv: list[str] | None = None) -> None:
             for row in result["autoregressive"] + result["speculative"]:
                 print("  ".join(f"{k}={v}" for k, v in row.items() if k != "gamma_search"))
             if not args.no_grid:     # chapter 11: at the gammas this run found best
-                result["grid"] = llm_grid.run(best=llm_grid.best_gammas(result))
+                result["grid"] = _run_grid([], result, args.threads)
             out = args.out or RESULTS / "llm_bench.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(llm_grid._sanitise(result), indent=2, allow_nan=False) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n")
         if "grid" in result:
             g = result["grid"]
             print(f"grid: {len(g['cells'])} cells in {g['wall_seconds']:.0f} s")

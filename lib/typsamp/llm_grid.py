@@ -57,12 +57,12 @@ Per cell (:func:`run_cell`):
   little; :func:`humaneval` measures pass@1 over every code test prompt, with longer
   completions from whole prompts, for the runs of :data:`HUMANEVAL`.
 
-``python -m typsamp.bench llm`` (``make bench``) runs chapter 9's part, then this grid at
-the γ its own run found best, and writes both into ``notebooks/results/llm_bench.json``
-(the grid under ``"grid"``); ``bench llm --quick`` runs only the quick grid (the chapter's
-live check). This module's own command line runs the grid alone:
+``python -m typsamp.bench llm`` (``make bench``) runs chapter 9's part, then this grid (this
+command line, in a child process, ``--best-from`` the γ its own run found best), and writes
+both into ``notebooks/results/llm_bench.json`` (the grid under ``"grid"``); ``bench llm
+--quick`` runs only the quick grid (the chapter's live check). The command line alone:
 
-    python -m typsamp.llm_grid [--quick] [--out PATH] [--threads N] [--no-progress]
+    python -m typsamp.llm_grid [--quick] [--out PATH] [--threads N] [--no-progress] [--best-from JSON]
     python -m typsamp.llm_grid --estimate-from notebooks/results/llm_grid_quick.json
 
 writing ``llm_grid.json`` (``--quick``: ``llm_grid_quick.json``, a smoke output: its
@@ -901,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help=f"default {OUT.name} ({QUICK_OUT.name} with --quick)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--best-from", default=None, metavar="JSON",
+                        help="the gammas of a `bench llm` record's speculative rows (default: the committed "
+                             f"{BENCH_FILE.name})")
     parser.add_argument("--estimate-from", default=None, metavar="JSON",
                         help="only print the full run's estimated wall time from a run's cells (no decoding)")
     args = parser.parse_args(argv)
@@ -912,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(checks.integer("threads", args.threads, low=1))
     out = Path(args.out) if args.out else (QUICK_OUT if args.quick else OUT)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = run(args.quick, progress=not args.no_progress, partial=out)
+    best = best_gammas(args.best_from) if args.best_from else None
+    result = run(args.quick, progress=not args.no_progress, partial=out, best=best)
     out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     print(f"llm_grid: {len(result['cells'])} cells in {result['wall_seconds']:.0f} s -> {out}")
     return 0
