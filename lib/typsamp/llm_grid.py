@@ -499,7 +499,7 @@ def humaneval(system: dict, settings: dict | None = None, *, progress: bool = Fa
     eos = system["target"].config.eos_token_id
     out = []
     for method, draft, T in tqdm(h["runs"], desc="humaneval", disable=not progress):
-        setting = "small" if method in _MEDUSA else (None if method == "autoregressive" else COMMON_GAMMA)
+        setting = SETTINGS["trees"][0] if method in _MEDUSA else (None if method == "autoregressive" else COMMON_GAMMA)
         cell = Cell("code", method, draft, float(T), setting, B)
         record = {"method": method, "draft": draft, "temperature": float(T), "setting": setting, "batch": B,
                   "tokens": h["tokens"]}

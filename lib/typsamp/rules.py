@@ -29,7 +29,7 @@ import torch
 
 from typsamp import checks
 
-__all__ = ["Verdict", "check_step", "normalised", "accepted_prefix", "emit", "Rule"]
+__all__ = ["Verdict", "check_step", "normalised", "row_sums", "accepted_prefix", "emit", "Rule"]
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,17 @@ def normalised(probs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     output follows exactly the normalised target. A row of zeros (possible only with
     ``validate=False``) stays zeros.
     """
+    p, total = row_sums(probs, dtype)
+    return p / total
+
+
+def row_sums(probs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two parts of :func:`normalised`: ``probs`` in ``dtype`` and each row's sum
+    [..., 1] (a zero sum read as 1). A kernel that reads only some rows or entries divides
+    just those by their row's sum: the same divisions, so the same bits as normalised()."""
     p = probs.to(dtype)
     total = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(total > 0, total, torch.ones_like(total))
+    return p, torch.where(total > 0, total, torch.ones_like(total))
 
 
 def accepted_prefix(ok: torch.Tensor) -> torch.Tensor:

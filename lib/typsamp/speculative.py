@@ -71,7 +71,7 @@ import torch
 
 from typsamp import checks, tree
 from typsamp.sampling import RowSeeds, sample_weights, uniform
-from typsamp.rules import Rule, Verdict, accepted_prefix, check_step, emit, normalised
+from typsamp.rules import Rule, Verdict, accepted_prefix, check_step, emit, normalised, row_sums
 
 __all__ = [
     "Verdict",
@@ -172,14 +172,11 @@ class RejectionSampling(Rule):
         # normalised(target_probs) read only where the walk reads it: every row's sum, then
         # the visited rows divided by theirs (the same divisions, the same bits, without a
         # pass over every leaf's row).
-        raw = target_probs.to(dtype)                                       # [B, N+1, V]
-        total = raw.sum(dim=-1, keepdim=True)
-        total = torch.where(total > 0, total, torch.ones_like(total))
+        p, total = row_sums(target_probs, dtype)                           # [B, N+1, V], [B, N+1, 1]
         # One uniform per node, drawn as the chain rule draws one per draft (the same
         # stream on a chain); a node's number is used only when the walk tests it.
-        u = uniform((B, N), dtype=dtype, device=raw.device, generator=generator)
-        rows = torch.arange(B, device=raw.device)
-        p = raw
+        u = uniform((B, N), dtype=dtype, device=p.device, generator=generator)
+        rows = torch.arange(B, device=p.device)
         earlier = torch.ones(topo.width, topo.width, dtype=torch.bool, device=p.device).tril(-1)
         at = torch.full((B,), -1, dtype=torch.long, device=p.device)       # the walk's node
         going = torch.ones(B, dtype=torch.bool, device=p.device)

@@ -103,7 +103,7 @@ import torch
 
 from typsamp import checks, tree
 from typsamp.sampling import RowSeeds, sample_weights
-from typsamp.rules import Rule, Verdict, accepted_prefix, emit, normalised
+from typsamp.rules import Rule, Verdict, accepted_prefix, emit, normalised, row_sums
 
 __all__ = ["TypicalAcceptance", "verify", "threshold", "acceptance_rate", "output_distribution",
            "EXTRA", "ENTROPY"]
@@ -233,14 +233,11 @@ class TypicalAcceptance(Rule):
         # (for the threshold's entropy), the path's end row for the extra token. The same
         # divisions of the same numbers, so the same bits, without passes over the leaves'
         # [262144]-wide rows.
-        dtype = checks.compute_dtype(target_probs)
-        raw = target_probs.to(dtype)
-        total = raw.sum(dim=-1)                                              # [B, N+1]
-        total = torch.where(total > 0, total, torch.ones_like(total))
+        raw, total = row_sums(target_probs, checks.compute_dtype(target_probs))  # [B, N+1, V], [B, N+1, 1]
         rows = torch.arange(B, device=raw.device)[:, None]
         up = topo.parents + 1                                                # parent's row of p
-        p_x = raw[rows, up, draft_tokens] / total[:, up]                     # p_parent(x_i) [B, N]
-        inner = raw[:, topo.inner] / total[:, topo.inner, None]              # [B, I, V]
+        p_x = raw[rows, up, draft_tokens] / total[:, up, 0]                  # p_parent(x_i) [B, N]
+        inner = raw[:, topo.inner] / total[:, topo.inner]                    # [B, I, V]
         passes = p_x > _bound(inner, self.epsilon, self.delta, self.entropy)[:, topo.up_inner]
         # Root paths: a node stands when it and all its ancestors pass; the likelihood of
         # its path is the sum of log p_parent(x) from the root down. One sweep per level.
@@ -259,7 +256,7 @@ class TypicalAcceptance(Rule):
         end = torch.where(tied, topo.retrieve, N).argmin(dim=1)
         end = torch.where(best.squeeze(1) > 0, end, -1)
         b = rows.squeeze(1)
-        p_end = raw[b, end + 1] / total[b, end + 1, None]
+        p_end = raw[b, end + 1] / total[b, end + 1]
         return tree.path_verdict(topo, draft_tokens, end, self._extra(p_end, generator))
 
 
