@@ -228,9 +228,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         G = H // KV
-        q = _rms_norm(F.linear(x, self.q_proj.weight).view(B, T, H, D), self.q_norm)
-        k = _rms_norm(F.linear(x, self.k_proj.weight).view(B, T, KV, D), self.k_norm)
-        v = F.linear(x, self.v_proj.weight).view(B, T, KV, D)
+        q = _rms_norm(_linear(x, self.q_proj.weight).view(B, T, H, D), self.q_norm)
+        k = _rms_norm(_linear(x, self.k_proj.weight).view(B, T, KV, D), self.k_norm)
+        v = _linear(x, self.v_proj.weight).view(B, T, KV, D)
         q, k = _rope(q, *rope), _rope(k, *rope)
         k, v = k.transpose(1, 2), v.transpose(1, 2)                       # [B, KV, T, D]
         if kv is not None:
@@ -246,7 +246,7 @@ class Attention(nn.Module):
             mask = mask[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.view(B, KV, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
-        return F.linear(y, self.o_proj.weight)
+        return _linear(y, self.o_proj.weight)
 
 
 class MLP(nn.Module):
@@ -257,8 +257,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.ffn, config.hidden, bias=False)
 
     def forward(self, x):
-        h = F.gelu(F.linear(x, self.gate_proj.weight), approximate="tanh") * F.linear(x, self.up_proj.weight)
-        return F.linear(h, self.down_proj.weight)
+        h = F.gelu(_linear(x, self.gate_proj.weight), approximate="tanh") * _linear(x, self.up_proj.weight)
+        return _linear(h, self.down_proj.weight)
 
 
 class Layer(nn.Module):
@@ -287,8 +287,8 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden, config.rms_eps)
 
 
-#: Rows from which a float32 head runs on oneDNN with the matrix packed once (below).
-PACKED_HEAD_ROWS = 3
+#: The row count oneDNN is told to expect when it packs a matrix (its batch-size hint).
+PACK_ROWS = 1
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor | None:
@@ -301,42 +301,53 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     cached = getattr(weight, "_typsamp_packed", None)     # lives and dies with the tensor
     if cached is None or cached[0] != key:
         with torch.inference_mode():
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_HEAD_ROWS))
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
         weight._typsamp_packed = cached
     return cached[1]
 
 
-def _head(h: torch.Tensor, weight: torch.Tensor, pack: bool = False) -> torch.Tensor:
-    """Logits [N, V] of hidden states ``h`` [N, C] under the tied ``weight`` [V, C].
+def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and x.device.type == "cpu" and not torch.is_grad_enabled())
 
-    Computed as ``(weight @ h.T).T`` (a view of a [V, N] product, not a copy) rather than
-    ``F.linear``: a prototype measured ``F.linear`` in float32 on this CPU taking a slow path
-    for 2-8 rows (a 5-row head about 2x a 1-row one, 1.03x this way, 2 threads). Measured
-    again here, under a load of 7-9 on 2 cores (min of 12): in bfloat16 this way is as fast
-    or up to 2x faster for every N in 1..16; in float32 the two are within noise except at
-    N = 2 (F.linear faster, so used there) and N = 8 (this way faster).
 
-    With ``pack`` (the model's own tied head), in float32 from :data:`PACKED_HEAD_ROWS`
-    rows on, without autograd, on a CPU with oneDNN, the product runs on oneDNN with the
-    matrix packed once into its blocked layout (:func:`_packed`; the packed copy costs the
-    matrix's size in memory once, and is rebuilt when the weight changes). Measured (CPU
-    time, 1 thread, loaded machine): a 3-8 row float32 head cost 2-3x a 1-row one through
-    MKL, and whole 3-8 position passes take 1.3-1.6x less CPU time this way (our guess at
-    the cause: the GEMM re-arranges the 262k x 640 matrix on every call for few rows; not
-    verified). Same float32 arithmetic (differences are summation-order rounding). To be
-    re-measured on a quiet machine (the benchmark); this function is the one place to change.
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias); on the CPU without autograd, in float32 or
+    bfloat16, on oneDNN with ``weight`` packed once (:func:`_packed`; the packed copy costs
+    the matrix's size in memory once, and lives as long as the weight).
 
-    In bfloat16 the packed head is used for every N (measured quiet, 2 threads, median of
-    10, the 262144-row head: 15.5 ms at N = 1, 16.1 at 9, 30.8 at 64, against 14.8, 17.0
-    and 56 for the product below made contiguous). Its output is contiguous [N, V]: the
-    transposed view of a [V, N] product made every later pass over the logits a strided
-    one (a row maximum over 9 rows of a 262k vocabulary took 7 ms instead of 0.8 ms), so
-    the other paths return a contiguous copy too."""
-    if (pack and h.dtype == weight.dtype and not torch.is_grad_enabled()
-            and (h.dtype == torch.bfloat16 or (h.dtype == torch.float32 and h.shape[0] >= PACKED_HEAD_ROWS))):
+    Why: at one to a few rows per pass every product here reads a whole matrix for a few
+    multiply-adds per element, and the plain kernels read it far below the machine's
+    bandwidth. Measured on this project's CPU (2 threads, quiet, median of 10 cached passes
+    of Gemma 3 270M after 64 positions): float32 one-position passes 113 -> 52-58 ms and
+    two-position passes 200 -> 73 ms; bfloat16 one position 42-51 -> 34 ms, 33 positions
+    92 -> 80 ms; from 5 positions on in float32 the two are within noise. Same arithmetic
+    in the same dtype; results differ from ``F.linear``'s only by summation order."""
+    if _packable(x, weight):
         packed = _packed(weight)
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "")
+            shape = x.shape
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, None, "none", [], "")
+            return y.view(*shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def _head(h: torch.Tensor, weight: torch.Tensor, pack: bool = False) -> torch.Tensor:
+    """Logits [N, V] of hidden states ``h`` [N, C] under the tied ``weight`` [V, C]
+    (contiguous).
+
+    With ``pack`` (the model's own head, or a trimmed head the caller keeps and passes
+    again), the product is :func:`_linear`'s packed one where that applies: for the
+    262,144-row head this runs at about the machine's best matrix-vector bandwidth for
+    every N (measured, 2 threads: float32 one row 25 ms against 56 ms for ``torch.mv`` on
+    the same matrix; bfloat16 15 ms against 32 ms).
+
+    Otherwise it is ``(weight @ h.T).T`` made contiguous: a prototype measured ``F.linear``
+    in float32 taking a slow path for 2-8 rows. The output is contiguous in every path: a
+    transposed view of a [V, N] product made every later pass over the logits a strided one
+    (a row maximum over 9 rows of a 262k vocabulary took 7 ms instead of 0.8 ms)."""
+    if pack and _packable(h, weight):
+        return _linear(h, weight)
     if h.dtype == torch.float32 and h.shape[0] == 2:
         return F.linear(h, weight)                        # float32, 2 rows: F.linear's path is the fast one
     if h.dtype == torch.bfloat16 and h.shape[0] == 1 and h.device.type == "cpu":
@@ -416,7 +427,9 @@ class Gemma(nn.Module):
         ``head``: True (default) applies the tied head (logits over the whole vocabulary);
         None returns the final-normed hidden states [B, T, hidden] instead (for drafts and
         heads of one's own); a tensor [K, hidden] is used as the head, giving [B, T, K]
-        (a trimmed head: rows of the embedding for K kept tokens).
+        (a trimmed head: rows of the embedding for K kept tokens; without autograd on the CPU
+        it is packed once for oneDNN and the packed copy kept with the tensor, so pass the
+        same tensor each call).
 
         ``return_hidden=True`` returns ``(logits, hidden)``: the head's output and the
         final-normed hidden states [B, T, hidden] it was computed from (what Medusa's heads
@@ -488,7 +501,7 @@ class Gemma(nn.Module):
             if head is None:
                 return (x, x) if return_hidden else x
             rows = weight if head is True else head
-            logits = _head(x.reshape(B * T, c.hidden), rows, pack=head is True).view(B, T, rows.shape[0])
+            logits = _head(x.reshape(B * T, c.hidden), rows, pack=True).view(B, T, rows.shape[0])
             return (logits, x) if return_hidden else logits
 
 

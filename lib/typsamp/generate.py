@@ -558,7 +558,9 @@ def autoregressive(model, prompt, max_new_tokens: int, *, warp: sampling.Warp = 
             # NaN, +inf or a row of -inf make the row's maximum non-finite: recorded here
             # (one op), checked at the end, or at each step's sync when rows can end early.
             torch.amax(logits, dim=-1, out=maxima[i])
-            token = sampling.sample_weights(warp(logits), generator)
+            # T = 0: the warp is a one-hot vector on the argmax, so sampling it returns the
+            # argmax; taken directly (no one-hot, no cumulative sum over the vocabulary).
+            token = logits.argmax(dim=-1) if warp.greedy else sampling.sample_weights(warp(logits), generator)
             out[:, i] = token
             steps += 1
             if i + 1 == max_new_tokens:
