@@ -42,6 +42,7 @@ CELLS = [llm_grid.Cell("shakespeare", "autoregressive", None, 0.7, None, 1),
          llm_grid.Cell("shakespeare", "rejection_greedy", "prompt_lookup", 0.7, 2, 1),
          llm_grid.Cell("shakespeare", "match_sampled", "trimmed", 0.7, 2, 1),
          llm_grid.Cell("shakespeare", "typical_greedy", "distil", 0.7, 3, 1),
+         llm_grid.Cell("shakespeare", "typical_greedy_ep", "distil", 0.7, 3, 1),
          llm_grid.Cell("shakespeare", "medusa_typical", "medusa", 0.7, "small", 1),
          llm_grid.Cell("shakespeare", "medusa_typical_sampled", "medusa", 0.7, "small", 1),
          llm_grid.Cell("shakespeare", "medusa_exact", "medusa", 0.7, "small", 1),
@@ -124,7 +125,37 @@ def test_diversity_of_a_cell(system):
     assert greedy["tv_from_target"] == 0 and "ties" in greedy
     other_gamma = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 2, 1), system,
                                     rows(), SMALL)
-    assert "self_bleu" not in other_gamma                 # diversity only at the common gamma
+    assert other_gamma["self_bleu"] == pytest.approx(1.0)   # every gamma measures diversity
+    # batch B: B samples of the first prompt, decoded as one batch
+    batched = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, llm_grid.COMMON_GAMMA, 4)
+    record, _, sample = llm_grid.run_cell(batched, system, rows(), SMALL, return_outputs=True)
+    assert sample.tokens.shape[0] == record["samples"] == 4
+    texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(4)]
+    bigrams = [tuple(t[i:i + 2]) for t in texts for i in range(len(t) - 1)]
+    assert record["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+
+
+def test_transformers_peer_cells(system):
+    # transformers' assisted generation and prompt lookup, one row at a time, on the same
+    # weights: at T = 0 both give our greedy tokens (float32, a random model without ties);
+    # their law is p_T (distance 0); no alpha (transformers does not report it), no diversity.
+    from typsamp import drafts as drafts_module
+    trimmed = drafts_module.TrimmedHead(system["drafts"]["trimmed"], torch.arange(0, 97, 2))
+    sys_ = {**system, "drafts": {**system["drafts"], "trimmed": trimmed}}
+    cells = [llm_grid.Cell("shakespeare", "hf_assisted", "trimmed", 0.0, 3, 1),
+             llm_grid.Cell("shakespeare", "hf_prompt_lookup", "prompt_lookup", 0.0, 3, 1)]
+    sys_["peers"] = llm_grid._peers(cells, system["target"], sys_["drafts"])
+    assert set(sys_["peers"]) == {None, "trimmed"}
+    ours = llm_grid.run_cell(llm_grid.Cell("shakespeare", "autoregressive", None, 0.0, None, 1), sys_, rows(),
+                             SMALL, return_outputs=True)[1]
+    for cell in cells:
+        record, outs, sample = llm_grid.run_cell(cell, sys_, rows(), SMALL, return_outputs=True)
+        assert sample is None and "distinct_2" not in record and record["alpha"] is None
+        assert record["tv_from_target"] == 0 and record["generated"] == 3 * SMALL["tokens"]
+        assert [o.tokens.tolist() for o in outs] == [o.tokens.tolist() for o in ours]
+        assert record["tokens_per_s"] > 0
+    missing = llm_grid.run_cell(cells[0], {**sys_, "peers": {None: sys_["peers"][None]}}, rows(), SMALL)
+    assert "not built" in missing["skipped"]
 
 
 def test_speedup_bookkeeping(system):
@@ -241,9 +272,26 @@ def test_grid_cells():
     cells = llm_grid.grid({"categories": ("code",), "temperatures": (0.0, 0.7)}, best)
     quick = llm_grid.grid(llm_grid.QUICK, best)
     assert {c.method for c in quick if c.batch == 1 and c.draft not in (None, "medusa")} == \
-        {"rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy"}
+        {"rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy", "typical_greedy_ep",
+         "hf_assisted", "hf_prompt_lookup"}
     assert len(quick) == len(set(quick)) < 30
-    assert not [c for c in cells if c.temperature == 0 and c.method in ("rejection_sampled", "match_sampled")]
+    assert not [c for c in cells if c.temperature == 0 and c.method in ("rejection_sampled", "match_sampled",
+                                                                       "typical_greedy_ep")]
+    assert {c.temperature for c in cells if c.method == "typical_greedy_ep"} == {0.7}
+    # transformers' peers: batch 1, the common gamma, the peer drafts (prompt lookup for its own)
+    peers = {(c.method, c.draft, c.setting, c.batch) for c in cells if c.method.startswith("hf_")}
+    assert peers == {("hf_assisted", "trimmed", llm_grid.COMMON_GAMMA, 1),
+                     ("hf_prompt_lookup", "prompt_lookup", llm_grid.COMMON_GAMMA, 1)}
+    with pytest.raises(ValueError, match="batch 1 only"):
+        llm_grid.Cell("code", "hf_assisted", "trimmed", 0.7, 4, 8)
+    with pytest.raises(ValueError, match="prompt lookup"):
+        llm_grid.Cell("code", "hf_prompt_lookup", "trimmed", 0.7, 4, 1)
+    with pytest.raises(ValueError, match="prompt lookup has none"):
+        llm_grid.Cell("code", "hf_assisted", "prompt_lookup", 0.7, 4, 1)
+    # batch 8: every batched pair, Medusa with the first tree
+    eight = {(c.method, c.draft, c.setting) for c in cells if c.batch == 8 and c.temperature == 0.7}
+    assert eight == {(m, d, None if d is None else "small" if d == "medusa" else llm_grid.COMMON_GAMMA)
+                     for m, d in llm_grid.SETTINGS["batched"]}
     assert not [c for c in cells if c.draft == "prompt_lookup" and c.method in ("rejection_sampled", "match_sampled")]
     gammas = sorted(c.setting for c in cells if (c.method, c.draft, c.temperature, c.batch)
                     == ("rejection_sampled", "distil", 0.7, 1))
@@ -253,11 +301,11 @@ def test_grid_cells():
     assert {c.batch for c in cells} == {1, 8}
     assert len(set(cells)) == len(cells)
     assert {c.category for c in cells if c.batch == 8} == {"code"}
-    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 4, 1))
-    assert not llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1))
-    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1), {"quick_pairs": True})
-    assert not llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
-    assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == {"code"}
+    # diversity in every cell but the peers'
+    assert [c for c in cells if not llm_grid.diverse(c)] == [c for c in cells if c.method.startswith("hf_")]
+    assert llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
+    assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == \
+        {"gsm8k", "code"}
     roles = {c.setting: llm_grid.setting_role(c, best) for c in cells
              if (c.method, c.draft, c.temperature, c.batch) == ("rejection_sampled", "distil", 0.7, 1)}
     assert roles == {2: "best", 4: "common"}
@@ -373,7 +421,11 @@ def test_run_end_to_end_on_the_tiny_system(system, monkeypatch, tmp_path):
     cells = record["cells"]
     assert len(cells) == len(llm_grid.grid({**llm_grid.QUICK, **settings}, llm_grid.best_gammas()))
     skipped = [c for c in cells if "skipped" in c]
-    assert skipped and all(c["method"].startswith("medusa") and "no Medusa heads" in c["skipped"] for c in skipped)
+    # the tiny drafts are bare Gemmas (no kept ids), so transformers gets no assistant from them
+    assert skipped and all((c["method"].startswith("medusa") and "no Medusa heads" in c["skipped"])
+                           or (c["method"] == "hf_assisted" and "no transformers assistant" in c["skipped"])
+                           for c in skipped)
+    assert any(c["method"] == "hf_prompt_lookup" for c in cells if "skipped" not in c)
     measured = [c for c in cells if "skipped" not in c]
     assert all(c["speedup"] > 0 and c["tv_from_target"] is not None for c in measured)
     assert all("pass_at_1" in c for c in measured if c["category"] == "code")

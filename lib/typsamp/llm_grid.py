@@ -9,11 +9,19 @@ were fitted on). Methods (:data:`METHODS`):
 * the chain methods of :data:`typsamp.bench.METHODS` with each draft of chapter 9
   (:data:`typsamp.bench.LLM_DRAFTS`: ``trimmed``, ``distil``, ``prompt_lookup``):
   ``rejection_sampled`` (speculative sampling), ``rejection_greedy``, ``match_sampled``
-  (exact match) and ``typical_greedy`` (Medusa's typical acceptance on greedy drafts).
+  (exact match), ``typical_greedy`` (Medusa's typical acceptance on greedy drafts) and
+  ``typical_greedy_ep`` (the same, its extra token drawn from p_T: chapter 6's variant).
   Prompt lookup makes deterministic drafts, so it runs only with the methods whose drafts
-  are deterministic (``rejection_greedy``, ``typical_greedy``). At T = 0 drafts sampled
-  from the warped q are q's argmax, so ``rejection_sampled`` and ``match_sampled`` would
-  repeat ``rejection_greedy``'s tokens: they are not run at T = 0;
+  are deterministic (``rejection_greedy``, ``typical_greedy``, ``typical_greedy_ep``). At
+  T = 0 drafts sampled from the warped q are q's argmax, so ``rejection_sampled`` and
+  ``match_sampled`` would repeat ``rejection_greedy``'s tokens, and the extra token from
+  p_T is its argmax, so ``typical_greedy_ep`` would repeat ``typical_greedy``: they are
+  not run at T = 0;
+* transformers' peers on the same bfloat16 weights (batch 1, γ = :data:`COMMON_GAMMA`,
+  every category and T): ``hf_assisted`` (``generate(assistant_model=...)`` with the
+  drafts of ``SETTINGS["peer_drafts"]``, the draft's head masked to its kept tokens) and
+  ``hf_prompt_lookup`` (``generate(prompt_lookup_num_tokens=...)``); both emit p_T, and
+  transformers reports neither α nor steps, so those fields are ``None``;
 * Medusa heads on the target (chapter 10) with a tree (``setting`` names it, see
   :func:`typsamp.tree_acceptance.named_tree`): ``medusa_typical`` (typical acceptance as
   Medusa ships it), ``medusa_typical_sampled`` (the extra token drawn from p_T) and
@@ -46,8 +54,9 @@ Per cell (:func:`run_cell`):
 * ``nll``: the mean negative log-likelihood per token of the generated text under the
   unwarped target (T = 1), with its standard error; greedier text scores better, so it is
   no measure of quality by itself;
-* diversity across ``samples`` generations of the category's first prompt (batch-1 cells
-  at the common γ, :func:`diverse`):
+* diversity across generations of the category's first prompt, decoded as one batch
+  (``samples`` of them for batch-1 cells, B for batch-B cells; every cell but
+  transformers' peers, :func:`diverse`):
   ``distinct_2`` (distinct bigrams / bigrams, pooled over the samples), ``self_bleu``
   (:func:`self_bleu`, our own BLEU-4 over token ids; no BLEU package is installed) and
   ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
@@ -95,7 +104,7 @@ from pathlib import Path
 
 import torch
 
-from typsamp import bench, checks, generate, prompts, provenance, sampling, stats, tree_acceptance
+from typsamp import bench, checks, generate, prompts, provenance, sampling, stats, tree_acceptance, typical
 
 __all__ = ["Cell", "METHODS", "LAWS", "SETTINGS", "QUICK", "COMMON_GAMMA", "OUT", "QUICK_OUT", "law", "distances",
            "quality", "bleu", "self_bleu", "repetition", "wilson", "completion", "humaneval_problems", "execute",
@@ -109,21 +118,35 @@ METHODS = {
     "rejection_greedy": "RejectionSampling() on deterministic drafts (q's argmax, or prompt lookup)",
     "match_sampled": "ExactMatch() on drafts sampled from q",
     "typical_greedy": "TypicalAcceptance(0.09, 0.3, extra='greedy') on deterministic drafts: Medusa's rule",
+    "typical_greedy_ep": "TypicalAcceptance(0.09, 0.3, extra='target') on deterministic drafts: the extra "
+                         "token drawn from p_T (chapter 6's 'typical_greedy, e = p')",
     "medusa_typical": "TypicalAcceptance(0.09, 0.3, extra='greedy', entropy='medusa') on Medusa heads' tree",
     "medusa_typical_sampled": "TypicalAcceptance(0.09, 0.3, extra='target', entropy='medusa') on the tree",
     "medusa_exact": "RejectionSampling() on the tree: recursive rejection over deterministic children",
+    "hf_assisted": "transformers' generate(assistant_model=...) with the draft's Gemma (head masked to its kept "
+                   "tokens), a constant gamma: the peer of rejection_sampled (rejection_greedy at T = 0)",
+    "hf_prompt_lookup": "transformers' generate(prompt_lookup_num_tokens=gamma, max_matching_ngram_size=3): "
+                        "the peer of rejection_greedy with prompt lookup",
 }
 #: Method -> the per-position law of what it emits, given the text before it: ``target``
 #: (p_T itself), ``point`` (a point mass at the emitted token), ``point_accepted`` (a
 #: point mass for accepted candidates, p_T for the rule's extra token).
 LAWS = {"autoregressive": "target", "rejection_sampled": "target", "rejection_greedy": "target",
         "match_sampled": "target", "typical_greedy": "point", "medusa_typical": "point",
-        "medusa_typical_sampled": "point_accepted", "medusa_exact": "target"}
+        "medusa_typical_sampled": "point_accepted", "medusa_exact": "target", "typical_greedy_ep": "point_accepted",
+        "hf_assisted": "target", "hf_prompt_lookup": "target"}
 #: tree_acceptance's method whose law each of ours has (its ``_distances`` keys on them).
 _TREE_LAW = {"target": "exact", "point": "typical", "point_accepted": "typical_sampled"}
 _MEDUSA = {"medusa_typical": "typical", "medusa_typical_sampled": "typical_sampled", "medusa_exact": "exact"}
 #: Methods that draw their drafts from q (need a draft model, pointless at T = 0).
 _SAMPLED = ("rejection_sampled", "match_sampled")
+#: Chain methods of this grid that :data:`typsamp.bench.METHODS` lacks: (rule, greedy drafts).
+_CHAIN = {"typical_greedy_ep": (typical.TypicalAcceptance(0.09, 0.3, extra="target"), True)}
+#: Methods that equal another at T = 0 (skipped there): at T = 0 the extra token drawn
+#: from p_T is its argmax, so typical_greedy_ep is typical_greedy.
+_NOT_AT_T0 = (*_SAMPLED, "typical_greedy_ep")
+#: transformers' peers (batch 1 only: its assisted generation supports no more).
+_HF = ("hf_assisted", "hf_prompt_lookup")
 
 COMMON_GAMMA = 4
 OUT = provenance.ROOT / "notebooks" / "results" / "llm_grid.json"
@@ -138,10 +161,10 @@ SETTINGS = {
     "methods": tuple(METHODS),
     "trees": ("small",),
     "batches": (1, 8),
-    "batch_categories": ("code", "shakespeare"),   # batch-8 cells only for these (speed varies by alpha only)
-    # batch-8 cells: (method, draft) pairs, at COMMON_GAMMA
-    "batched": (("autoregressive", None), ("rejection_sampled", "distil"), ("typical_greedy", "distil"),
-                ("rejection_greedy", "prompt_lookup")),
+    # batch-8 cells, in every category: (method, draft) pairs, at COMMON_GAMMA (Medusa: the first tree)
+    "batched": (("autoregressive", None), ("rejection_sampled", "trimmed"), ("rejection_sampled", "distil"),
+                ("typical_greedy", "trimmed"), ("rejection_greedy", "prompt_lookup"), ("medusa_typical", "medusa")),
+    "peer_drafts": ("trimmed",),  # hf_assisted runs with these drafts (hf_prompt_lookup with prompt lookup)
     "prompts": 2,              # batch-1 prompts per category
     "prompt_tokens": 64,
     "tokens": 24,              # new tokens of the long (measured) run
@@ -154,8 +177,8 @@ SETTINGS = {
 QUICK = {**SETTINGS, "categories": ("code", "shakespeare"), "temperatures": (0.7,),
          "drafts": ("trimmed", "distil", "prompt_lookup"),
          "methods": ("autoregressive", "rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy",
-                     "medusa_typical", "medusa_exact"),
-         "batched": (("autoregressive", None), ("rejection_sampled", "distil")),
+                     "typical_greedy_ep", "medusa_typical", "medusa_exact", "hf_assisted", "hf_prompt_lookup"),
+         "batched": (("autoregressive", None), ("rejection_sampled", "trimmed"), ("medusa_typical", "medusa")),
          "tokens": 12, "short": 4, "samples": 3, "quick_pairs": True}
 
 #: HumanEval's stop sequences (Chen et al. 2021, the Codex paper): a completion ends where one begins.
@@ -192,8 +215,13 @@ class Cell:
             if self.draft not in bench.LLM_DRAFTS:
                 raise ValueError(f"`draft` of {self.method} must be one of {bench.LLM_DRAFTS}, got {self.draft!r}")
             checks.integer("setting (gamma)", self.setting, low=1)
-            if self.draft == "prompt_lookup" and self.method in _SAMPLED:
+            if self.draft == "prompt_lookup" and self.method in (*_SAMPLED, "hf_assisted"):
                 raise ValueError(f"{self.method} samples drafts from q; prompt lookup has none")
+            if self.method == "hf_prompt_lookup" and self.draft != "prompt_lookup":
+                raise ValueError(f"hf_prompt_lookup drafts by prompt lookup (draft 'prompt_lookup'), got {self.draft!r}")
+            if self.method in _HF and self.batch != 1:
+                raise ValueError(f"{self.method}: transformers' assisted generation runs batch 1 only, "
+                                 f"got batch {self.batch}")
 
 
 def law(method: str) -> str:
@@ -575,9 +603,9 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
     """The cells of a run with ``settings`` (default :data:`SETTINGS`) and best γ per
     (draft, T) ``best`` (default :func:`best_gammas`): per category and T, autoregressive
     decoding, each chain method with each draft at its best γ and :data:`COMMON_GAMMA`
-    (once where they agree), each Medusa method with each tree, all at batch 1; then, for
-    the ``batch_categories``, the ``batched`` (method, draft) pairs at each batch > 1, at
-    the common γ."""
+    (once where they agree), each Medusa method with each tree, transformers' peers at the
+    common γ, all at batch 1; then, in every category, the ``batched`` (method, draft)
+    pairs at each batch > 1, at the common γ (Medusa: the first tree)."""
     s = {**SETTINGS, **(settings or {})}
     best = best_gammas() if best is None else best
     cells = []
@@ -589,8 +617,11 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
                     cells.append(Cell(category, method, None, T, None, 1))
                 elif method in _MEDUSA:
                     cells += [Cell(category, method, "medusa", T, t, 1) for t in s["trees"]]
+                elif method in _HF:
+                    peers = s["peer_drafts"] if method == "hf_assisted" else ("prompt_lookup",)
+                    cells += [Cell(category, method, d, T, COMMON_GAMMA, 1) for d in peers if d in s["drafts"]]
                 else:
-                    if method in _SAMPLED and T == 0:
+                    if method in _NOT_AT_T0 and T == 0:
                         continue
                     for draft in s["drafts"]:
                         if draft == "prompt_lookup" and method in _SAMPLED:
@@ -600,15 +631,16 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
                             gammas = gammas[:1]
                         cells += [Cell(category, method, draft, T, g, 1) for g in gammas]
             for B in s["batches"]:
-                if B == 1 or category not in s.get("batch_categories", s["categories"]):
+                if B == 1:
                     continue
                 for method, draft in s["batched"]:
-                    if method in _SAMPLED and T == 0:
+                    if method in _NOT_AT_T0 and T == 0:
                         continue
-                    cells.append(Cell(category, method, draft, T, None if draft is None else COMMON_GAMMA, B))
+                    setting = None if draft is None else s["trees"][0] if method in _MEDUSA else COMMON_GAMMA
+                    cells.append(Cell(category, method, draft, T, setting, B))
     if s.get("quick_pairs"):                    # --quick: each chain method with one draft
         pairs = {"rejection_sampled": "distil", "rejection_greedy": "prompt_lookup", "match_sampled": "distil",
-                 "typical_greedy": "trimmed"}
+                 "typical_greedy": "trimmed", "typical_greedy_ep": "distil"}
         cells = [c for c in cells if c.batch > 1 or c.method not in pairs or c.draft == pairs[c.method]]
     return cells
 
@@ -624,20 +656,26 @@ def setting_role(cell: Cell, best: dict) -> str:
 
 
 def diverse(cell: Cell, settings: dict | None = None) -> bool:
-    """Whether a cell measures diversity across samples: batch-1 cells at the common γ (or
-    with no γ; with ``--quick``, whose chain cells have one γ each, every batch-1 cell);
-    the other γ of the same method and draft is left out to save time."""
-    if cell.batch != 1:
-        return False
-    if (settings or {}).get("quick_pairs"):
-        return True
-    return not isinstance(cell.setting, int) or cell.setting == COMMON_GAMMA
+    """Whether a cell measures diversity across samples: every cell but transformers'
+    peers (which sample p_T exactly, like autoregressive decoding, and run one row at a
+    time). Batch-1 cells decode ``samples`` generations of the first prompt as one batch,
+    batch-B cells B of them."""
+    return cell.method not in _HF
+
+
+def _samples(cell: Cell, settings: dict) -> int:
+    return cell.batch if cell.batch > 1 else settings["samples"]
+
+
+def _method(method: str) -> tuple[object, bool]:
+    """(rule, greedy drafts) of a chain method."""
+    return _CHAIN[method] if method in _CHAIN else bench.METHODS[method]
 
 
 def _rule(method: str):
     if method in _MEDUSA:
         return tree_acceptance.rule_for(_MEDUSA[method])
-    return bench.METHODS[method][0]
+    return _method(method)[0]
 
 
 def _proposer(cell: Cell, system: dict):
@@ -647,10 +685,15 @@ def _proposer(cell: Cell, system: dict):
     draft = system["drafts"][cell.draft]
     if cell.draft == "prompt_lookup":
         return draft(ngram=3)
-    return generate.DraftModel(draft, greedy=bench.METHODS[cell.method][1])
+    return generate.DraftModel(draft, greedy=_method(cell.method)[1])
 
 
 def _unavailable(cell: Cell, system: dict) -> str | None:
+    if cell.method in _HF:
+        peer = system.get("peers", {}).get(cell.draft if cell.method == "hf_assisted" else None,
+                                          "transformers' peer not built")
+        if isinstance(peer, str):
+            return peer
     if cell.method in _MEDUSA:
         heads = system.get("heads")
         return heads if isinstance(heads, str) else None
@@ -663,11 +706,30 @@ def _unavailable(cell: Cell, system: dict) -> str | None:
 def _decode(cell: Cell, system: dict, rows, n: int, seeds):
     warp = sampling.Warp(temperature=cell.temperature)
     target = system["target"]
+    if cell.method in _HF:
+        return _decode_hf(cell, system, rows, n, seeds)
     if cell.method == "autoregressive":
         return generate.autoregressive(target, rows, n, warp=warp, seed=seeds)
     return generate.speculative(target, _proposer(cell, system), rows, n, gamma=cell.setting
                                 if isinstance(cell.setting, int) else 1, rule=_rule(cell.method), warp=warp,
                                 seed=seeds)
+
+
+def _decode_hf(cell: Cell, system: dict, rows, n: int, seeds):
+    """transformers' peer, one row at a time (its assisted generation takes batch 1 only),
+    as a Generation (every token sampled from p_T: origin 0)."""
+    peers = system["peers"]
+    tokens, seconds = [], 0.0
+    for row, seed in zip(rows, seeds):
+        kwargs = (dict(assistant=peers[cell.draft]) if cell.method == "hf_assisted" else dict(lookup=3))
+        t, _, new = bench._hf_generate(peers[None], row[None], n, cell.temperature, seed, gamma=cell.setting,
+                                       **kwargs)
+        seconds += t
+        tokens.append(new[0, :n])
+    out = torch.stack(tokens)
+    B = out.shape[0]
+    return generate.Generation(tokens=out, lengths=torch.full((B,), n, dtype=torch.long),
+                               origin=torch.zeros(B, n, dtype=torch.int8), steps=0, wall_time=seconds)
 
 
 def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict | None = None, *,
@@ -712,7 +774,9 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     units = tokens * len(batches[0]) + sum(len(b) * (tokens + short) for b in batches)   # warm-up + runs
     flat_rows = [r for b in batches for r in b]
     record.update(tokens_per_s=rate, generated=sum(int(o.lengths.sum()) for o in outs))
-    if cell.method != "autoregressive":
+    if cell.method in _HF:
+        record.update(alpha=None, tokens_per_step=None, mean_accepted=None, steps=None)
+    elif cell.method != "autoregressive":
         accepted = sum(o.accepted for o in outs)
         examined = sum(o.examined for o in outs)
         live = torch.cat([o.accepted_lengths[o.accepted_lengths >= 0] for o in outs])
@@ -726,8 +790,8 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     record.update(quality(system["target"], flat_rows, outs, cell.method, cell.temperature))
     tokenizer = system.get("tokenizer")
     out = None
-    if diverse(cell, s) and s["samples"] >= 2:
-        n = s["samples"]
+    if diverse(cell, s) and _samples(cell, s) >= 2:
+        n = _samples(cell, s)
         out = _decode(cell, system, [rows[0]] * n, tokens, [seed * 100_000 + 50_000 + i for i in range(n)])
         samples = [out.tokens[b, :int(out.lengths[b])].tolist() for b in range(n)]
         bigrams = [tuple(x[i:i + 2]) for x in samples for i in range(len(x) - 1)]
@@ -806,7 +870,7 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
         P = s_full["prompts"] if c.batch == 1 else 1
         work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
         if diverse(c, s_full):
-            work += s_full["samples"] * s_full["tokens"]
+            work += _samples(c, s_full) * s_full["tokens"]
         total += rate * work
     return {"seconds": round(total), "cells": len(full),
             "how": "per (method, batched): mean seconds per generated token of this run's cells "
@@ -843,12 +907,13 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
     rows_by = {}
     for c in s["categories"]:
         rows_by[c] = prompts.tokenized(tokenizer, s["prompts"], s["prompt_tokens"], categories=(c,), split="test")
+    peers = _peers(cells, target, drafts)
     header = _header(quick, s, where, best, drafts, heads)
     results = []
     for cell in tqdm(cells, desc="llm grid", disable=not progress):
         rows, names = rows_by[cell.category]
         system = {"target": target, "drafts": drafts, "heads": heads, "tokenizer": tokenizer,
-                  "problems": problems, "names": names}
+                  "problems": problems, "names": names, "peers": peers}
         if cell.batch > 1:
             more, more_names = prompts.tokenized(tokenizer, min(cell.batch, len(prompts.load(cell.category))),
                                                  s["prompt_tokens"], categories=(cell.category,), split="test")
@@ -873,6 +938,23 @@ def run(quick: bool = False, *, progress: bool = True, settings: dict | None = N
               "wall_seconds": time.perf_counter() - clock,
               "full_run_estimate": _estimate(results, full, SETTINGS, s) if quick else None}
     return _sanitise(record)
+
+
+def _peers(cells: list[Cell], target, drafts: dict) -> dict:
+    """transformers' models the grid's peer cells need: None -> the target's weights, a
+    draft's name -> its Gemma with the head masked to its kept tokens (or the reason, a
+    str, it could not be built)."""
+    wanted = {c.draft for c in cells if c.method == "hf_assisted"}
+    if not wanted and not any(c.method in _HF for c in cells):
+        return {}
+    peers = {None: bench.hf_gemma(target)}
+    for name in sorted(wanted):
+        draft = drafts.get(name, f"draft {name!r} not loaded")
+        try:
+            peers[name] = draft if isinstance(draft, str) else bench.hf_gemma(*bench._draft_gemma(draft))
+        except (TypeError, RuntimeError) as error:
+            peers[name] = f"no transformers assistant for {name}: {error}"
+    return peers
 
 
 def _header(quick, s, where, best, drafts, heads) -> dict:
