@@ -125,14 +125,11 @@ def test_diversity_of_a_cell(system):
     assert greedy["tv_from_target"] == 0 and "ties" in greedy
     other_gamma = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 2, 1), system,
                                     rows(), SMALL)
-    assert other_gamma["self_bleu"] == pytest.approx(1.0)   # every gamma measures diversity
-    # batch B: B samples of the first prompt, decoded as one batch
-    batched = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, llm_grid.COMMON_GAMMA, 4)
-    record, _, sample = llm_grid.run_cell(batched, system, rows(), SMALL, return_outputs=True)
-    assert sample.tokens.shape[0] == record["samples"] == 4
-    texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(4)]
-    bigrams = [tuple(t[i:i + 2]) for t in texts for i in range(len(t) - 1)]
-    assert record["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    assert "self_bleu" not in other_gamma                 # diversity only at the common gamma
+    # typical_greedy_ep runs at one gamma (the best), which measures diversity
+    ep = llm_grid.run_cell(llm_grid.Cell("shakespeare", "typical_greedy_ep", "distil", 1.0, 2, 1), system,
+                           rows(), SMALL)
+    assert 0 < ep["distinct_2"] <= 1 and ep["samples"] == SMALL["samples"]
 
 
 def test_transformers_peer_cells(system):
@@ -273,11 +270,14 @@ def test_grid_cells():
     quick = llm_grid.grid(llm_grid.QUICK, best)
     assert {c.method for c in quick if c.batch == 1 and c.draft not in (None, "medusa")} == \
         {"rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy", "typical_greedy_ep",
-         "hf_assisted", "hf_prompt_lookup"}
+         "hf_assisted"}
     assert len(quick) == len(set(quick)) < 30
     assert not [c for c in cells if c.temperature == 0 and c.method in ("rejection_sampled", "match_sampled",
                                                                        "typical_greedy_ep")]
     assert {c.temperature for c in cells if c.method == "typical_greedy_ep"} == {0.7}
+    # typical_greedy_ep: each draft's best gamma only
+    assert {(c.draft, c.setting) for c in cells if c.method == "typical_greedy_ep"} == \
+        {("distil", 2), ("trimmed", 4), ("prompt_lookup", llm_grid.COMMON_GAMMA)}
     # transformers' peers: batch 1, the common gamma, the peer drafts (prompt lookup for its own)
     peers = {(c.method, c.draft, c.setting, c.batch) for c in cells if c.method.startswith("hf_")}
     assert peers == {("hf_assisted", "trimmed", llm_grid.COMMON_GAMMA, 1),
@@ -301,11 +301,14 @@ def test_grid_cells():
     assert {c.batch for c in cells} == {1, 8}
     assert len(set(cells)) == len(cells)
     assert {c.category for c in cells if c.batch == 8} == {"code"}
-    # diversity in every cell but the peers'
-    assert [c for c in cells if not llm_grid.diverse(c)] == [c for c in cells if c.method.startswith("hf_")]
-    assert llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
-    assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == \
-        {"gsm8k", "code"}
+    # diversity: batch-1 cells at the common gamma (or none, or the only one), no peers
+    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 4, 1))
+    assert not llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1))
+    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1), {"quick_pairs": True})
+    assert llm_grid.diverse(llm_grid.Cell("code", "typical_greedy_ep", "distil", 0.7, 2, 1))
+    assert not llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
+    assert not [c for c in cells if c.method.startswith("hf_") and llm_grid.diverse(c)]
+    assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == {"code"}
     roles = {c.setting: llm_grid.setting_role(c, best) for c in cells
              if (c.method, c.draft, c.temperature, c.batch) == ("rejection_sampled", "distil", 0.7, 1)}
     assert roles == {2: "best", 4: "common"}
@@ -407,8 +410,10 @@ def test_run_end_to_end_on_the_tiny_system(system, monkeypatch, tmp_path):
     def no_heads(*a, **k):
         raise FileNotFoundError("no Medusa heads here")
     monkeypatch.setattr(medusa, "load_heads", no_heads)
+    # the quick methods, and transformers' prompt lookup (its assisted cells are skipped here)
     settings = {"categories": ("gsm8k", "code"), "batch_categories": ("code",), "tokens": 4, "short": 2,
-                "samples": 2, "prompts": 2, "prompt_tokens": 8, "exec_timeout": 1.0}
+                "samples": 2, "prompts": 2, "prompt_tokens": 8, "exec_timeout": 1.0,
+                "methods": (*llm_grid.QUICK["methods"], "hf_prompt_lookup")}
     partial = tmp_path / "grid.json"
     human = {"problems": 3, "tokens": 4, "batch": 2, "prompt_tokens": 12}
     record = llm_grid.run(True, progress=False, settings=settings, partial=partial, human=human)

@@ -54,9 +54,8 @@ Per cell (:func:`run_cell`):
 * ``nll``: the mean negative log-likelihood per token of the generated text under the
   unwarped target (T = 1), with its standard error; greedier text scores better, so it is
   no measure of quality by itself;
-* diversity across generations of the category's first prompt, decoded as one batch
-  (``samples`` of them for batch-1 cells, B for batch-B cells; every cell but
-  transformers' peers, :func:`diverse`):
+* diversity across ``samples`` generations of the category's first prompt, decoded as
+  one batch (batch-1 cells at the common γ, :func:`diverse`):
   ``distinct_2`` (distinct bigrams / bigrams, pooled over the samples), ``self_bleu``
   (:func:`self_bleu`, our own BLEU-4 over token ids; no BLEU package is installed) and
   ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
@@ -145,6 +144,10 @@ _CHAIN = {"typical_greedy_ep": (typical.TypicalAcceptance(0.09, 0.3, extra="targ
 #: Methods that equal another at T = 0 (skipped there): at T = 0 the extra token drawn
 #: from p_T is its argmax, so typical_greedy_ep is typical_greedy.
 _NOT_AT_T0 = (*_SAMPLED, "typical_greedy_ep")
+#: Chain methods run at each draft's best γ only (not also at the common one): the
+#: variant is compared with typical_greedy at the same γ, and the full run's 60 minutes
+#: cannot hold both.
+_BEST_ONLY = ("typical_greedy_ep",)
 #: transformers' peers (batch 1 only: its assisted generation supports no more).
 _HF = ("hf_assisted", "hf_prompt_lookup")
 
@@ -161,7 +164,10 @@ SETTINGS = {
     "methods": tuple(METHODS),
     "trees": ("small",),
     "batches": (1, 8),
-    # batch-8 cells, in every category: (method, draft) pairs, at COMMON_GAMMA (Medusa: the first tree)
+    # batch-8 cells only for these: a method's speed at batch 8 differs between categories
+    # through alpha alone, which the batch-1 cells measure in every category
+    "batch_categories": ("code", "shakespeare"),
+    # batch-8 cells: (method, draft) pairs, at COMMON_GAMMA (Medusa: the first tree)
     "batched": (("autoregressive", None), ("rejection_sampled", "trimmed"), ("rejection_sampled", "distil"),
                 ("typical_greedy", "trimmed"), ("rejection_greedy", "prompt_lookup"), ("medusa_typical", "medusa")),
     "peer_drafts": ("trimmed",),  # hf_assisted runs with these drafts (hf_prompt_lookup with prompt lookup)
@@ -177,8 +183,8 @@ SETTINGS = {
 QUICK = {**SETTINGS, "categories": ("code", "shakespeare"), "temperatures": (0.7,),
          "drafts": ("trimmed", "distil", "prompt_lookup"),
          "methods": ("autoregressive", "rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy",
-                     "typical_greedy_ep", "medusa_typical", "medusa_exact", "hf_assisted", "hf_prompt_lookup"),
-         "batched": (("autoregressive", None), ("rejection_sampled", "trimmed"), ("medusa_typical", "medusa")),
+                     "typical_greedy_ep", "medusa_typical", "medusa_exact", "hf_assisted"),
+         "batched": (("autoregressive", None), ("rejection_sampled", "trimmed")),
          "tokens": 12, "short": 4, "samples": 3, "quick_pairs": True}
 
 #: HumanEval's stop sequences (Chen et al. 2021, the Codex paper): a completion ends where one begins.
@@ -603,9 +609,10 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
     """The cells of a run with ``settings`` (default :data:`SETTINGS`) and best γ per
     (draft, T) ``best`` (default :func:`best_gammas`): per category and T, autoregressive
     decoding, each chain method with each draft at its best γ and :data:`COMMON_GAMMA`
-    (once where they agree), each Medusa method with each tree, transformers' peers at the
-    common γ, all at batch 1; then, in every category, the ``batched`` (method, draft)
-    pairs at each batch > 1, at the common γ (Medusa: the first tree)."""
+    (once where they agree; ``typical_greedy_ep`` at the best only), each Medusa method
+    with each tree, transformers' peers at the common γ, all at batch 1; then, for the
+    ``batch_categories``, the ``batched`` (method, draft) pairs at each batch > 1, at the
+    common γ (Medusa: the first tree)."""
     s = {**SETTINGS, **(settings or {})}
     best = best_gammas() if best is None else best
     cells = []
@@ -627,11 +634,13 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
                         if draft == "prompt_lookup" and method in _SAMPLED:
                             continue
                         gammas = sorted({COMMON_GAMMA, best.get((draft, T), COMMON_GAMMA)})
+                        if method in _BEST_ONLY:
+                            gammas = [best.get((draft, T), COMMON_GAMMA)]
                         if s.get("quick_pairs"):
                             gammas = gammas[:1]
                         cells += [Cell(category, method, draft, T, g, 1) for g in gammas]
             for B in s["batches"]:
-                if B == 1:
+                if B == 1 or category not in s["batch_categories"]:
                     continue
                 for method, draft in s["batched"]:
                     if method in _NOT_AT_T0 and T == 0:
@@ -656,15 +665,17 @@ def setting_role(cell: Cell, best: dict) -> str:
 
 
 def diverse(cell: Cell, settings: dict | None = None) -> bool:
-    """Whether a cell measures diversity across samples: every cell but transformers'
-    peers (which sample p_T exactly, like autoregressive decoding, and run one row at a
-    time). Batch-1 cells decode ``samples`` generations of the first prompt as one batch,
-    batch-B cells B of them."""
-    return cell.method not in _HF
-
-
-def _samples(cell: Cell, settings: dict) -> int:
-    return cell.batch if cell.batch > 1 else settings["samples"]
+    """Whether a cell measures diversity across samples: batch-1 cells at the common γ,
+    at the only γ a method runs at (``typical_greedy_ep``'s best), or with no γ (with
+    ``--quick``, whose chain cells have one γ each, every batch-1 cell). Left out, to save
+    time: the other γ of the same method and draft; batch-B cells (a method's output law
+    does not depend on the batch, so its batch-1 cells stand for it); transformers' peers
+    (they sample p_T, as autoregressive decoding does, one row at a time)."""
+    if cell.batch != 1 or cell.method in _HF:
+        return False
+    if (settings or {}).get("quick_pairs") or cell.method in _BEST_ONLY:
+        return True
+    return not isinstance(cell.setting, int) or cell.setting == COMMON_GAMMA
 
 
 def _method(method: str) -> tuple[object, bool]:
@@ -790,8 +801,8 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     record.update(quality(system["target"], flat_rows, outs, cell.method, cell.temperature))
     tokenizer = system.get("tokenizer")
     out = None
-    if diverse(cell, s) and _samples(cell, s) >= 2:
-        n = _samples(cell, s)
+    if diverse(cell, s) and s["samples"] >= 2:
+        n = s["samples"]
         out = _decode(cell, system, [rows[0]] * n, tokens, [seed * 100_000 + 50_000 + i for i in range(n)])
         samples = [out.tokens[b, :int(out.lengths[b])].tolist() for b in range(n)]
         bigrams = [tuple(x[i:i + 2]) for x in samples for i in range(len(x) - 1)]
@@ -870,7 +881,7 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
         P = s_full["prompts"] if c.batch == 1 else 1
         work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
         if diverse(c, s_full):
-            work += _samples(c, s_full) * s_full["tokens"]
+            work += s_full["samples"] * s_full["tokens"]
         total += rate * work
     return {"seconds": round(total), "cells": len(full),
             "how": "per (method, batched): mean seconds per generated token of this run's cells "
