@@ -478,6 +478,9 @@ LLM_SETTINGS = {
 LLM_CATEGORIES = ("code", "shakespeare", "gsm8k", "mmlu_cot")
 #: Drafts the bench runs speculative decoding with (see bench_llm).
 LLM_DRAFTS = ("trimmed", "distil", "prompt_lookup")
+#: The longest n-gram prompt lookup matches, ours (``PromptLookup(ngram=...)``) and
+#: transformers' (``max_matching_ngram_size``) alike, so the two draft the same way.
+LOOKUP_NGRAM = 3
 LLM_DRAFT_DESCRIPTIONS = {
     "trimmed": "the target in bfloat16 with its head trimmed to the kept tokens (typsamp.drafts.trimmed_draft)",
     "distil": "a 2-layer Gemma draft on the target's embedding, trimmed head, distilled (typsamp.distil.load_draft)",
@@ -691,7 +694,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
     ``targets``: dtype name ("float32", "bfloat16") -> a :class:`typsamp.gemma.Gemma` or
     a zero-argument loader of one (loaded in turn and dropped after its part, to bound
     memory). ``drafts``: name -> a draft model (engine interface with ``.model`` and
-    ``.kept``), a proposer class (prompt lookup: called as ``cls(ngram=3)``), or a str
+    ``.kept``), a proposer class (prompt lookup: called as ``cls(ngram=LOOKUP_NGRAM)``), or a str
     saying why it is missing (default :func:`load_llm_drafts`). Speculative decoding runs
     on the ``spec_dtype`` target. Prompts: ``prompt_rows`` [P, L] and ``batch_rows``
     [batch, L'] (default :func:`llm_prompts` with ``tokenizer``). ``settings`` overrides
@@ -821,7 +824,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
             def spec(g):
                 def make(rows):
                     def run(n):
-                        proposer = draft(ngram=3) if lookup else generate.DraftModel(draft, greedy=greedy)
+                        proposer = draft(ngram=LOOKUP_NGRAM) if lookup else generate.DraftModel(draft, greedy=greedy)
                         out = generate.speculative(spec_model, proposer, rows, n, gamma=g,
                                                    rule=speculative.RejectionSampling(),
                                                    warp=sampling.Warp(temperature=T), seed=seed)
@@ -854,7 +857,7 @@ def bench_llm(targets: dict, tokenizer=None, *, drafts: dict | None = None, prom
                    "speedup_predicted_measured_costs": _sig(predicted_costs),
                    "measured_over_predicted": _sig(rate / base / predicted)}
             if peer and (lookup or assistant is not None):
-                kw = {"lookup": 3, "gamma": g} if lookup else {"assistant": assistant, "gamma": g}
+                kw = {"lookup": LOOKUP_NGRAM, "gamma": g} if lookup else {"assistant": assistant, "gamma": g}
                 _hf_generate(spec_peer, prompt_list[0], 2, T, seed, **kw)           # warm-up
                 peer_rate, _ = over_prompts(lambda rows: theirs(spec_peer, rows, T, **kw), prompt_list)
                 row["peer_tokens_per_s"] = _sig(peer_rate)

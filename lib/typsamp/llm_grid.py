@@ -224,7 +224,8 @@ class Cell:
             if self.draft == "prompt_lookup" and self.method in (*_SAMPLED, "hf_assisted"):
                 raise ValueError(f"{self.method} samples drafts from q; prompt lookup has none")
             if self.method == "hf_prompt_lookup" and self.draft != "prompt_lookup":
-                raise ValueError(f"hf_prompt_lookup drafts by prompt lookup (draft 'prompt_lookup'), got {self.draft!r}")
+                raise ValueError("hf_prompt_lookup drafts by prompt lookup (draft 'prompt_lookup'), "
+                                 f"got {self.draft!r}")
             if self.method in _HF and self.batch != 1:
                 raise ValueError(f"{self.method}: transformers' assisted generation runs batch 1 only, "
                                  f"got batch {self.batch}")
@@ -695,7 +696,7 @@ def _proposer(cell: Cell, system: dict):
         return medusa.MedusaProposer(system["heads"], tree_acceptance.named_tree(cell.setting))
     draft = system["drafts"][cell.draft]
     if cell.draft == "prompt_lookup":
-        return draft(ngram=3)
+        return draft(ngram=bench.LOOKUP_NGRAM)
     return generate.DraftModel(draft, greedy=_method(cell.method)[1])
 
 
@@ -732,7 +733,7 @@ def _decode_hf(cell: Cell, system: dict, rows, n: int, seeds):
     peers = system["peers"]
     tokens, seconds = [], 0.0
     for row, seed in zip(rows, seeds):
-        kwargs = (dict(assistant=peers[cell.draft]) if cell.method == "hf_assisted" else dict(lookup=3))
+        kwargs = dict(assistant=peers[cell.draft]) if cell.method == "hf_assisted" else dict(lookup=bench.LOOKUP_NGRAM)
         t, _, new = bench._hf_generate(peers[None], row[None], n, cell.temperature, seed, gamma=cell.setting,
                                        **kwargs)
         seconds += t
