@@ -22,7 +22,12 @@ def one_thread():
 
 
 def same(recomputed, committed, where=""):
-    """Equal, recursively: numbers of float type to 1e-9 relative, everything else exactly."""
+    """Equal, recursively: numbers of float type to 1e-6 relative, everything else exactly.
+
+    The numbers come from float32 logits of the CPU's own kernels, which round
+    differently on another processor: the committed run (an Intel host) and an AMD host
+    differ by one float32 ulp (6e-8 at 0.58) in the predictions and by 3e-8 relative in
+    the means over a run; every count and token must still agree exactly."""
     if isinstance(recomputed, dict):
         assert set(recomputed) == set(committed), where
         for key in recomputed:
@@ -32,7 +37,7 @@ def same(recomputed, committed, where=""):
         for i, (a, b) in enumerate(zip(recomputed, committed)):
             same(a, b, f"{where}[{i}]")
     elif isinstance(recomputed, float) and not isinstance(committed, bool):
-        assert math.isclose(recomputed, committed, rel_tol=1e-9, abs_tol=1e-12), (where, recomputed, committed)
+        assert math.isclose(recomputed, committed, rel_tol=1e-6, abs_tol=1e-12), (where, recomputed, committed)
     else:
         assert recomputed == committed, (where, recomputed, committed)
 
