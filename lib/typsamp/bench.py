@@ -626,11 +626,22 @@ def _hf_generate(peer, prompt: torch.Tensor, tokens: int, temperature: float, se
         kwargs["assistant_model"] = assistant
     if lookup is not None:
         kwargs.update(prompt_lookup_num_tokens=gamma, max_matching_ngram_size=lookup)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = peer.generate(prompt, **kwargs)
-    seconds = time.perf_counter() - start
+    from transformers.utils import logging as hf_logging
+
+    # transformers' assisted generation warns, from inside its own code, that the
+    # assistant's generate gets a generation config beside generation arguments, and that
+    # a min-length processor is passed twice; neither is ours to change, and neither
+    # changes the result, so its warnings are muted for the call.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = peer.generate(prompt, **kwargs)
+        seconds = time.perf_counter() - start
+    finally:
+        hf_logging.set_verbosity(verbosity)
     new = out[:, prompt.shape[1]:]
     return seconds, new.numel(), new
 
