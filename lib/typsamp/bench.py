@@ -626,8 +626,9 @@ def _hf_generate(peer, prompt: torch.Tensor, tokens: int, temperature: float, se
         kwargs["assistant_model"] = assistant
     if lookup is not None:
         kwargs.update(prompt_lookup_num_tokens=gamma, max_matching_ngram_size=lookup)
-    from transformers.utils import logging as hf_logging
+    from typsamp import hf
 
+    hf_logging = hf.transformers.logging
     # transformers' assisted generation warns, from inside its own code, that the
     # assistant's generate gets a generation config beside generation arguments, and that
     # a min-length processor is passed twice; neither is ours to change, and neither
