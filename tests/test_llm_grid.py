@@ -125,17 +125,42 @@ def test_diversity_of_a_cell(system):
     assert greedy["tv_from_target"] == 0 and "ties" in greedy
     other_gamma = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_greedy", "distil", 0.0, 2, 1), system,
                                     rows(), SMALL)
-    assert "self_bleu" not in other_gamma                 # diversity only at the common gamma
+    assert other_gamma["distinct_texts"] == 1 and other_gamma["samples"] == SMALL["samples"]   # every gamma
     # typical_greedy_ep runs at one gamma (the best), which measures diversity
     ep = llm_grid.run_cell(llm_grid.Cell("shakespeare", "typical_greedy_ep", "distil", 1.0, 2, 1), system,
                            rows(), SMALL)
     assert 0 < ep["distinct_2"] <= 1 and ep["samples"] == SMALL["samples"]
 
 
+def test_batched_cells_take_their_samples_from_the_warm_up(system):
+    # A batch-B cell (B >= samples) warms up on B copies of the first prompt, with the
+    # diversity seeds; its samples are that run's first rows: the same tokens a batch of
+    # `samples` copies gives (per-row seeds), and no extra work counted.
+    cell = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 4)
+    record, outs, sample = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
+    assert sample.tokens.shape[0] == 4 and record["samples"] == SMALL["samples"]
+    alone = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 1), system,
+                              rows(), SMALL, return_outputs=True)[2]
+    n = SMALL["samples"]
+    assert sample.tokens[:n].tolist() == alone.tokens.tolist()
+    texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(n)]
+    assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
+    assert record["distinct_texts"] == len({tuple(t) for t in texts})
+    # work: warm-up (B rows) + one batch of B rows, short and long; nothing for the samples
+    assert record["work_tokens"] == SMALL["tokens"] * 4 + 4 * (SMALL["tokens"] + SMALL["short"])
+    assert len(outs) == 1
+    # fewer rows than samples: an extra decode, counted
+    two = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 2), system,
+                            rows(), SMALL, return_outputs=True)
+    assert two[2].tokens.shape[0] == n and two[0]["work_tokens"] == \
+        SMALL["tokens"] * 2 + 2 * (SMALL["tokens"] + SMALL["short"]) + n * SMALL["tokens"]
+
+
 def test_transformers_peer_cells(system):
     # transformers' assisted generation and prompt lookup, one row at a time, on the same
     # weights: at T = 0 both give our greedy tokens (float32, a random model without ties);
-    # their law is p_T (distance 0); no alpha (transformers does not report it), no diversity.
+    # their law is p_T (distance 0); no alpha (transformers does not report it); their
+    # diversity samples, at T = 0, are one text.
     from typsamp import drafts as drafts_module
     trimmed = drafts_module.TrimmedHead(system["drafts"]["trimmed"], torch.arange(0, 97, 2))
     sys_ = {**system, "drafts": {**system["drafts"], "trimmed": trimmed}}
@@ -147,7 +172,9 @@ def test_transformers_peer_cells(system):
                              SMALL, return_outputs=True)[1]
     for cell in cells:
         record, outs, sample = llm_grid.run_cell(cell, sys_, rows(), SMALL, return_outputs=True)
-        assert sample is None and "distinct_2" not in record and record["alpha"] is None
+        assert record["alpha"] is None and record["distinct_texts"] == 1 and record["self_bleu"] == 1
+        assert sample.tokens.shape[0] == SMALL["samples"]
+        assert all(sample.tokens[b].tolist() == outs[0].tokens[0].tolist() for b in range(SMALL["samples"]))
         assert record["tv_from_target"] == 0 and record["generated"] == 3 * SMALL["tokens"]
         assert [o.tokens.tolist() for o in outs] == [o.tokens.tolist() for o in ours]
         assert record["tokens_per_s"] > 0
@@ -301,13 +328,11 @@ def test_grid_cells():
     assert {c.batch for c in cells} == {1, 8}
     assert len(set(cells)) == len(cells)
     assert {c.category for c in cells if c.batch == 8} == {"code"}
-    # diversity: batch-1 cells at the common gamma (or none, or the only one), no peers
-    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 4, 1))
-    assert not llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1))
-    assert llm_grid.diverse(llm_grid.Cell("code", "rejection_sampled", "distil", 0.7, 2, 1), {"quick_pairs": True})
-    assert llm_grid.diverse(llm_grid.Cell("code", "typical_greedy_ep", "distil", 0.7, 2, 1))
-    assert not llm_grid.diverse(llm_grid.Cell("code", "autoregressive", None, 0.7, None, 8))
-    assert not [c for c in cells if c.method.startswith("hf_") and llm_grid.diverse(c)]
+    # diversity: every cell, unless fewer than two samples are asked for
+    assert all(llm_grid.diverse(c) for c in cells)
+    assert not llm_grid.diverse(cells[0], {"samples": 1})
+    with pytest.raises(TypeError, match="Cell"):
+        llm_grid.diverse(("code", "autoregressive"))
     assert {c.category for c in llm_grid.grid({"categories": ("gsm8k", "code")}, best) if c.batch == 8} == {"code"}
     roles = {c.setting: llm_grid.setting_role(c, best) for c in cells
              if (c.method, c.draft, c.temperature, c.batch) == ("rejection_sampled", "distil", 0.7, 1)}
@@ -358,6 +383,11 @@ def test_estimate_from_measured_cells(tmp_path, capsys):
     guess = llm_grid.estimate({"cells": cells}, s, best={})
     # autoregressive: 10 warm-up + 2 x 12 + 3 x 10 samples = 64 tokens; rejection (gamma 4) the same
     assert guess["cells"] == 2 and guess["seconds"] == round(64 * 0.01 + 64 * 0.02)
+    # a batch-8 cell (no measured batch-8 rate: the slowest, 0.02): 10 x 8 warm-up, whose
+    # first rows are its samples, + 12 x 8
+    eight = llm_grid.estimate({"cells": cells}, {**s, "batches": (1, 8), "batch_categories": ("gsm8k",),
+                                                 "batched": (("autoregressive", None),)}, best={})
+    assert eight["cells"] == 3 and eight["seconds"] == round(64 * 0.01 + 64 * 0.02 + 176 * 0.02)
     with pytest.raises(ValueError, match="cells"):
         llm_grid.estimate({"rows": []})
     path = tmp_path / "quick.json"

@@ -935,20 +935,23 @@ def _run_grid(flags: list[str], record: dict | None, threads: int | None) -> dic
         return json.loads(out.read_text())
 
 
-def _decode_rate(make_run, rows_list, tokens: int, short: int):
+def _decode_rate(make_run, rows_list, tokens: int, short: int, *, warm=None, return_warmup: bool = False):
     """Summed decode rate over prompts: total (long - short) tokens / total time difference,
     after one full-length warm-up run (see :func:`bench_llm`); ``make_run(rows)`` returns
-    ``run(n) -> (seconds, tokens, Generation)``. Returns (tokens/s, the long runs' outputs)."""
+    ``run(n) -> (seconds, tokens, Generation)``. ``warm``: a callable that runs the warm-up
+    instead (of the same shapes; its return value is kept), default ``make_run(rows_list[0])(tokens)``.
+    Returns (tokens/s, the long runs' outputs), and the warm-up's result with ``return_warmup``."""
     dn = dt = 0.0
     outs = []
-    make_run(rows_list[0])(tokens)
+    warmed = make_run(rows_list[0])(tokens) if warm is None else warm()
     for rows in rows_list:
         run = make_run(rows)
         t_s, n_s, _ = run(short)
         t_l, n_l, out = run(tokens)
         dn, dt = dn + n_l - n_s, dt + t_l - t_s
         outs.append(out)
-    return dn / max(dt, 1e-9), outs
+    rate = dn / max(dt, 1e-9)
+    return (rate, outs, warmed) if return_warmup else (rate, outs)
 
 
 #: Trees ``bench medusa`` times by default (names of :func:`typsamp.tree_acceptance.named_tree`).

@@ -54,8 +54,10 @@ Per cell (:func:`run_cell`):
 * ``nll``: the mean negative log-likelihood per token of the generated text under the
   unwarped target (T = 1), with its standard error; greedier text scores better, so it is
   no measure of quality by itself;
-* diversity across ``samples`` generations of the category's first prompt, decoded as
-  one batch (batch-1 cells at the common γ, :func:`diverse`):
+* diversity across ``samples`` generations of the category's first prompt, on every
+  cell (:func:`diverse`): batch-1 cells decode them as one extra batch; batch-B cells
+  (B ≥ ``samples``) take the first ``samples`` rows of their warm-up, which decodes B
+  copies of that prompt, so they cost no extra run:
   ``distinct_2`` (distinct bigrams / bigrams, pooled over the samples), ``self_bleu``
   (:func:`self_bleu`, our own BLEU-4 over token ids; no BLEU package is installed) and
   ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
@@ -666,17 +668,20 @@ def setting_role(cell: Cell, best: dict) -> str:
 
 
 def diverse(cell: Cell, settings: dict | None = None) -> bool:
-    """Whether a cell measures diversity across samples: batch-1 cells at the common γ,
-    at the only γ a method runs at (``typical_greedy_ep``'s best), or with no γ (with
-    ``--quick``, whose chain cells have one γ each, every batch-1 cell). Left out, to save
-    time: the other γ of the same method and draft; batch-B cells (a method's output law
-    does not depend on the batch, so its batch-1 cells stand for it); transformers' peers
-    (they sample p_T, as autoregressive decoding does, one row at a time)."""
-    if cell.batch != 1 or cell.method in _HF:
-        return False
-    if (settings or {}).get("quick_pairs") or cell.method in _BEST_ONLY:
-        return True
-    return not isinstance(cell.setting, int) or cell.setting == COMMON_GAMMA
+    """Whether a cell measures diversity across samples: every cell, when ``samples`` ≥ 2
+    (:data:`SETTINGS`). A method's output law may depend on γ (typical acceptance's does),
+    so each γ gets its own samples; transformers' peers sample p_T, which their samples
+    check rather than assume."""
+    s = {**SETTINGS, **(settings or {})}
+    if not isinstance(cell, Cell):
+        raise checks.InputTypeError(f"`cell` must be a Cell, got {type(cell).__name__}")
+    return int(s["samples"]) >= 2
+
+
+def _from_warmup(cell: Cell, settings: dict) -> bool:
+    """Whether a cell's diversity samples are its warm-up's first rows (batch-B cells with
+    B ≥ ``samples``: the warm-up decodes B copies of the first prompt)."""
+    return cell.batch > 1 and cell.batch >= settings["samples"] and diverse(cell, settings)
 
 
 def _method(method: str) -> tuple[object, bool]:
@@ -782,7 +787,13 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
             return out.wall_time, int(out.lengths.sum()), out
         return run
 
-    rate, outs = bench._decode_rate(make, batches, tokens, short)
+    n = s["samples"]
+    sample_seeds = [seed * 100_000 + 50_000 + i for i in range(max(n, cell.batch))]
+    warm = None
+    if _from_warmup(cell, s):         # the warm-up decodes B copies of the first prompt
+        def warm():
+            return _decode(cell, system, [rows[0]] * cell.batch, tokens, sample_seeds[:cell.batch])
+    rate, outs, warmed = bench._decode_rate(make, batches, tokens, short, warm=warm, return_warmup=True)
     units = tokens * len(batches[0]) + sum(len(b) * (tokens + short) for b in batches)   # warm-up + runs
     flat_rows = [r for b in batches for r in b]
     record.update(tokens_per_s=rate, generated=sum(int(o.lengths.sum()) for o in outs))
@@ -802,15 +813,17 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     record.update(quality(system["target"], flat_rows, outs, cell.method, cell.temperature))
     tokenizer = system.get("tokenizer")
     out = None
-    if diverse(cell, s) and s["samples"] >= 2:
-        n = s["samples"]
-        out = _decode(cell, system, [rows[0]] * n, tokens, [seed * 100_000 + 50_000 + i for i in range(n)])
+    if diverse(cell, s):
+        if warm is not None:
+            out = warmed
+        else:
+            out = _decode(cell, system, [rows[0]] * n, tokens, sample_seeds[:n])
+            units += n * tokens
         samples = [out.tokens[b, :int(out.lengths[b])].tolist() for b in range(n)]
         bigrams = [tuple(x[i:i + 2]) for x in samples for i in range(len(x) - 1)]
         record.update(distinct_2=len(set(bigrams)) / max(len(bigrams), 1), self_bleu=self_bleu(samples),
                       repetition=sum(repetition(x) for x in samples if len(x) >= 4) / n,
                       distinct_texts=len({tuple(x) for x in samples}), samples=n)
-        units += n * tokens
         if tokenizer is not None:
             record["sample_text"] = tokenizer.decode(samples[0])
     if cell.category == "code" and tokenizer is not None and system.get("problems"):
@@ -881,7 +894,7 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
         rate = sum(rate) / len(rate) if rate else fallback
         P = s_full["prompts"] if c.batch == 1 else 1
         work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
-        if diverse(c, s_full):
+        if diverse(c, s_full) and not _from_warmup(c, s_full):
             work += s_full["samples"] * s_full["tokens"]
         total += rate * work
     return {"seconds": round(total), "cells": len(full),
