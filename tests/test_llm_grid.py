@@ -4,6 +4,7 @@ HumanEval harness is run on hand-written completions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -111,9 +112,14 @@ def test_every_distance_recomputed(system, cell):
 
 def test_diversity_of_a_cell(system):
     cell = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, llm_grid.COMMON_GAMMA, 1)
-    record, _, sample = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
-    texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(SMALL["samples"])]
-    assert all(t[:0] == [] and len(t) == SMALL["tokens"] for t in texts)
+    record, outs, texts = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
+    assert len(texts) == SMALL["samples"] and all(len(t) == SMALL["tokens"] for t in texts)
+    # a batch-1 cell: the warm-up (a diversity seed), the measured run of the first prompt
+    # (its own seed), then one extra decode (the next diversity seed), counted as work
+    assert texts[1] == outs[0].tokens[0].tolist()
+    assert len({tuple(t) for t in texts}) == record["distinct_texts"] == 3      # T = 1: three seeds
+    P = SMALL["prompts"]
+    assert record["work_tokens"] == SMALL["tokens"] + P * (SMALL["tokens"] + SMALL["short"]) + SMALL["tokens"]
     bigrams = [tuple(t[i:i + 2]) for t in texts for i in range(len(t) - 1)]
     assert record["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
     assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
@@ -134,16 +140,15 @@ def test_diversity_of_a_cell(system):
 
 def test_batched_cells_take_their_samples_from_the_warm_up(system):
     # A batch-B cell (B >= samples) warms up on B copies of the first prompt, with the
-    # diversity seeds; its samples are that run's first rows: the same tokens a batch of
-    # `samples` copies gives (per-row seeds), and no extra work counted.
+    # diversity seeds; its samples are that run's first rows: per-row seeds, so the first is
+    # the batch-1 cell's first sample, and no extra work counted.
     cell = llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 4)
-    record, outs, sample = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
-    assert sample.tokens.shape[0] == 4 and record["samples"] == SMALL["samples"]
+    record, outs, texts = llm_grid.run_cell(cell, system, rows(), SMALL, return_outputs=True)
+    n = SMALL["samples"]
+    assert len(texts) == n and record["samples"] == n
     alone = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 1), system,
                               rows(), SMALL, return_outputs=True)[2]
-    n = SMALL["samples"]
-    assert sample.tokens[:n].tolist() == alone.tokens.tolist()
-    texts = [sample.tokens[b, :int(sample.lengths[b])].tolist() for b in range(n)]
+    assert texts[0] == alone[0] and texts[1] != alone[1]
     assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
     assert record["distinct_texts"] == len({tuple(t) for t in texts})
     # work: warm-up (B rows) + one batch of B rows, short and long; nothing for the samples
@@ -152,8 +157,12 @@ def test_batched_cells_take_their_samples_from_the_warm_up(system):
     # fewer rows than samples: an extra decode, counted
     two = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 2), system,
                             rows(), SMALL, return_outputs=True)
-    assert two[2].tokens.shape[0] == n and two[0]["work_tokens"] == \
-        SMALL["tokens"] * 2 + 2 * (SMALL["tokens"] + SMALL["short"]) + n * SMALL["tokens"]
+    assert len(two[2]) == n and two[2][:2] == texts[:2] and two[0]["work_tokens"] == \
+        SMALL["tokens"] * 2 + 2 * (SMALL["tokens"] + SMALL["short"]) + (n - 2) * SMALL["tokens"]
+    # (warm-up rows, measured-run rows, extra rows) for batch 1, 2, 4
+    assert [llm_grid._sample_sources(dataclasses.replace(cell, batch=b), SMALL) for b in (1, 2, 4)] == \
+        [(1, 1, 1), (2, 0, 1), (3, 0, 0)]
+    assert llm_grid._sample_sources(cell, {**SMALL, "samples": 1}) == (0, 0, 0)
 
 
 def test_transformers_peer_cells(system):
@@ -173,8 +182,7 @@ def test_transformers_peer_cells(system):
     for cell in cells:
         record, outs, sample = llm_grid.run_cell(cell, sys_, rows(), SMALL, return_outputs=True)
         assert record["alpha"] is None and record["distinct_texts"] == 1 and record["self_bleu"] == 1
-        assert sample.tokens.shape[0] == SMALL["samples"]
-        assert all(sample.tokens[b].tolist() == outs[0].tokens[0].tolist() for b in range(SMALL["samples"]))
+        assert len(sample) == SMALL["samples"] and all(t == outs[0].tokens[0].tolist() for t in sample)
         assert record["tv_from_target"] == 0 and record["generated"] == 3 * SMALL["tokens"]
         assert [o.tokens.tolist() for o in outs] == [o.tokens.tolist() for o in ours]
         assert record["tokens_per_s"] > 0
@@ -381,13 +389,14 @@ def test_estimate_from_measured_cells(tmp_path, capsys):
     s = {"categories": ("gsm8k",), "temperatures": (0.7,), "methods": ("autoregressive", "rejection_sampled"),
          "drafts": ("distil",), "batches": (1,), "tokens": 10, "short": 2, "prompts": 2, "samples": 3}
     guess = llm_grid.estimate({"cells": cells}, s, best={})
-    # autoregressive: 10 warm-up + 2 x 12 + 3 x 10 samples = 64 tokens; rejection (gamma 4) the same
-    assert guess["cells"] == 2 and guess["seconds"] == round(64 * 0.01 + 64 * 0.02)
+    # autoregressive: 10 warm-up + 2 x 12 + 10 for the third sample (the warm-up and the first
+    # prompt's run are the other two) = 44 tokens; rejection (gamma 4) the same
+    assert guess["cells"] == 2 and guess["seconds"] == round(44 * 0.01 + 44 * 0.02)
     # a batch-8 cell (no measured batch-8 rate: the slowest, 0.02): 10 x 8 warm-up, whose
     # first rows are its samples, + 12 x 8
     eight = llm_grid.estimate({"cells": cells}, {**s, "batches": (1, 8), "batch_categories": ("gsm8k",),
                                                  "batched": (("autoregressive", None),)}, best={})
-    assert eight["cells"] == 3 and eight["seconds"] == round(64 * 0.01 + 64 * 0.02 + 176 * 0.02)
+    assert eight["cells"] == 3 and eight["seconds"] == round(44 * 0.01 + 44 * 0.02 + 176 * 0.02)
     with pytest.raises(ValueError, match="cells"):
         llm_grid.estimate({"rows": []})
     path = tmp_path / "quick.json"

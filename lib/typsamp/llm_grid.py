@@ -678,10 +678,24 @@ def diverse(cell: Cell, settings: dict | None = None) -> bool:
     return int(s["samples"]) >= 2
 
 
+def _sample_sources(cell: Cell, settings: dict) -> tuple[int, int, int]:
+    """Where a cell's ``samples`` diversity samples of the first prompt come from: (rows of
+    the warm-up, rows of the measured long run, rows of an extra decode). The warm-up decodes
+    B copies of the first prompt with the diversity seeds (the same shapes as a measured
+    batch, prompts being of one length); a batch-1 cell's long run of the first prompt is one
+    more sample, with its own seed; the rest is an extra decode, counted as work."""
+    n = int(settings["samples"])
+    if not diverse(cell, settings):
+        return 0, 0, 0
+    warm = min(cell.batch, n)
+    timed = 1 if cell.batch == 1 and warm < n else 0
+    return warm, timed, n - warm - timed
+
+
 def _from_warmup(cell: Cell, settings: dict) -> bool:
-    """Whether a cell's diversity samples are its warm-up's first rows (batch-B cells with
-    B ≥ ``samples``: the warm-up decodes B copies of the first prompt)."""
-    return cell.batch > 1 and cell.batch >= settings["samples"] and diverse(cell, settings)
+    """Whether all of a cell's diversity samples are its warm-up's first rows (batch-B cells
+    with B ≥ ``samples``)."""
+    return diverse(cell, settings) and _sample_sources(cell, settings)[0] == int(settings["samples"])
 
 
 def _method(method: str) -> tuple[object, bool]:
@@ -757,7 +771,7 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     str reason), ``heads`` (MedusaHeads or a str reason), ``tokenizer`` (for code and
     texts), ``problems`` (HumanEval task_id -> problem, for code), ``names`` (per row,
     ``category/id``). Returns the record; with ``return_outputs``, (record, the measured
-    runs' Generations, the diversity samples' Generation or None)."""
+    runs' Generations, the diversity samples (token lists of the first prompt) or None)."""
     if not isinstance(cell, Cell):
         raise checks.InputTypeError(f"`cell` must be a Cell, got {type(cell).__name__}")
     s = {**SETTINGS, **(settings or {})}
@@ -789,8 +803,9 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
 
     n = s["samples"]
     sample_seeds = [seed * 100_000 + 50_000 + i for i in range(max(n, cell.batch))]
+    from_warm, from_run, extra = _sample_sources(cell, s)
     warm = None
-    if _from_warmup(cell, s):         # the warm-up decodes B copies of the first prompt
+    if from_warm:                     # the warm-up decodes B copies of the first prompt
         def warm():
             return _decode(cell, system, [rows[0]] * cell.batch, tokens, sample_seeds[:cell.batch])
     rate, outs, warmed = bench._decode_rate(make, batches, tokens, short, warm=warm, return_warmup=True)
@@ -814,12 +829,14 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     tokenizer = system.get("tokenizer")
     out = None
     if diverse(cell, s):
-        if warm is not None:
-            out = warmed
-        else:
-            out = _decode(cell, system, [rows[0]] * n, tokens, sample_seeds[:n])
-            units += n * tokens
-        samples = [out.tokens[b, :int(out.lengths[b])].tolist() for b in range(n)]
+        def first(g, k):
+            return [g.tokens[b, :int(g.lengths[b])].tolist() for b in range(k)]
+        samples = first(warmed, from_warm) + first(outs[0], from_run)
+        if extra:
+            samples += first(_decode(cell, system, [rows[0]] * extra, tokens,
+                                     sample_seeds[from_warm:from_warm + extra]), extra)
+            units += extra * tokens
+        out = samples
         bigrams = [tuple(x[i:i + 2]) for x in samples for i in range(len(x) - 1)]
         record.update(distinct_2=len(set(bigrams)) / max(len(bigrams), 1), self_bleu=self_bleu(samples),
                       repetition=sum(repetition(x) for x in samples if len(x) >= 4) / n,
@@ -894,8 +911,7 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
         rate = sum(rate) / len(rate) if rate else fallback
         P = s_full["prompts"] if c.batch == 1 else 1
         work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
-        if diverse(c, s_full) and not _from_warmup(c, s_full):
-            work += s_full["samples"] * s_full["tokens"]
+        work += _sample_sources(c, s_full)[2] * s_full["tokens"]
         total += rate * work
     return {"seconds": round(total), "cells": len(full),
             "how": "per (method, batched): mean seconds per generated token of this run's cells "
