@@ -549,8 +549,7 @@ def humaneval(system: dict, settings: dict | None = None, *, progress: bool = Fa
         for i in range(0, len(rows), B):
             batch = rows[i:i + B]
             gen = _decode(cell, system, batch, h["tokens"], [900_000 + i + j for j in range(len(batch))])
-            for b in range(len(batch)):
-                ids = gen.tokens[b, :int(gen.lengths[b])].tolist()
+            for ids in _rows(gen, len(batch)):
                 texts.append(tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids))
         decoded = time.perf_counter() - start
         cut = [completion(t) for t in texts]
@@ -692,10 +691,9 @@ def _sample_sources(cell: Cell, settings: dict) -> tuple[int, int, int]:
     return warm, timed, n - warm - timed
 
 
-def _from_warmup(cell: Cell, settings: dict) -> bool:
-    """Whether all of a cell's diversity samples are its warm-up's first rows (batch-B cells
-    with B ≥ ``samples``)."""
-    return diverse(cell, settings) and _sample_sources(cell, settings)[0] == int(settings["samples"])
+def _rows(gen, k: int | None = None) -> list[list[int]]:
+    """The first ``k`` (default all) rows of a Generation as token lists, each cut at its length."""
+    return [gen.tokens[b, :int(gen.lengths[b])].tolist() for b in range(gen.tokens.shape[0] if k is None else k)]
 
 
 def _method(method: str) -> tuple[object, bool]:
@@ -829,12 +827,10 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     tokenizer = system.get("tokenizer")
     out = None
     if diverse(cell, s):
-        def first(g, k):
-            return [g.tokens[b, :int(g.lengths[b])].tolist() for b in range(k)]
-        samples = first(warmed, from_warm) + first(outs[0], from_run)
+        samples = _rows(warmed, from_warm) + _rows(outs[0], from_run)
         if extra:
-            samples += first(_decode(cell, system, [rows[0]] * extra, tokens,
-                                     sample_seeds[from_warm:from_warm + extra]), extra)
+            samples += _rows(_decode(cell, system, [rows[0]] * extra, tokens,
+                                     sample_seeds[from_warm:from_warm + extra]))
             units += extra * tokens
         out = samples
         bigrams = [tuple(x[i:i + 2]) for x in samples for i in range(len(x) - 1)]
@@ -844,8 +840,7 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
         if tokenizer is not None:
             record["sample_text"] = tokenizer.decode(samples[0])
     if cell.category == "code" and tokenizer is not None and system.get("problems"):
-        texts = [tokenizer.decode(o.tokens[b, :int(o.lengths[b])].tolist()) for o in outs
-                 for b in range(o.tokens.shape[0])]
+        texts = [tokenizer.decode(ids) for o in outs for ids in _rows(o)]
         ids = [name.split("/", 1)[1] for name in names]
         problems = [system["problems"][i] for i in ids]
         record["pass_at_1"] = pass_at_1(problems, [completion(t) for t in texts], s["exec_timeout"])
