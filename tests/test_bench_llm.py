@@ -205,3 +205,35 @@ def test_packed_float32_head_equals_the_plain_product_and_follows_weight_changes
         ours = model(tokens)
         plain = model(tokens, head=None) @ model.model.embed_tokens.weight.T
     assert (ours - plain).abs().max().item() < 1e-4
+
+
+def test_decode_rate_from_the_engines_clock_or_a_short_run():
+    from typsamp.generate import Generation
+    calls = []
+
+    def make(rows):
+        def run(n):
+            calls.append((rows[0], n))
+            wall, prefill = {"a": (2.0, 0.5), "b": (3.0, 1.0)}[rows[0]]
+            g = Generation(tokens=torch.zeros(1, n, dtype=torch.long), wall_time=wall * n / 10,
+                           prefill_time=prefill, decoded_tokens=n - 1)
+            return g.wall_time, n, g
+        return run
+    # the engine's clock: one run per prompt after the warm-up, no short run
+    rate, outs = bench._decode_rate(make, [["a"], ["b"]], 10, None)
+    assert calls == [("a", 10), ("a", 10), ("b", 10)] and len(outs) == 2
+    assert rate == pytest.approx((9 + 9) / ((2.0 - 0.5) + (3.0 - 1.0)))
+    # a short run: (long − short) tokens over the time difference
+    calls.clear()
+    rate, _ = bench._decode_rate(make, [["a"], ["b"]], 10, 5)
+    assert calls == [("a", 10), ("a", 5), ("a", 10), ("b", 5), ("b", 10)]
+    assert rate == pytest.approx((5 + 5) / ((2.0 - 1.0) + (3.0 - 1.5)))
+
+    # a Generation without the clock (transformers' peers build such) is refused, not divided by
+    def unclocked(rows):
+        def run(n):
+            g = Generation(tokens=torch.zeros(1, n, dtype=torch.long), wall_time=1.0)
+            return 1.0, n, g
+        return run
+    with pytest.raises(ValueError, match="no decoding after its prefill"):
+        bench._decode_rate(unclocked, [["a"]], 10, None)

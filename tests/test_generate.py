@@ -389,6 +389,43 @@ def test_statistics_add_up(pair):
     assert out.lengths.tolist() == [25, 25, 25]
 
 
+class _Slowed:
+    """A model whose first call (the prefill) sleeps ``first`` seconds and every later
+    call ``later`` seconds: where the engine's prefill clock stops becomes measurable."""
+
+    def __init__(self, model, first: float, later: float):
+        self.model, self.first, self.later, self.calls = model, first, later, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        import time
+        time.sleep(self.first if self.calls == 0 else self.later)
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def test_the_prefill_is_timed_apart_and_the_decoded_tokens_counted(pair):
+    target, draft = pair
+    slow = _Slowed(target, first=0.3, later=0.1)
+    out = generate.speculative(slow, draft, prompts(3, 4), 12, gamma=3, warp=Warp(temperature=1.0), seed=0)
+    # the prefill (the first target call) is inside prefill_time, every step's pass after it
+    assert 0.3 <= out.prefill_time < 0.3 + 0.1
+    assert out.wall_time - out.prefill_time >= 0.1 * out.steps
+    # every committed token counts, the last step's tokens past max_new_tokens included
+    live = out.accepted_lengths >= 0
+    assert out.decoded_tokens == int(((out.accepted_lengths + 1) * live).sum()) >= 3 * 12
+    assert out.decode_rate == pytest.approx(out.decoded_tokens / (out.wall_time - out.prefill_time))
+    # autoregressive: the prefill's logits give each row's first token; the rest are decoded
+    slow = _Slowed(target, first=0.3, later=0.1)
+    ar = generate.autoregressive(slow, ragged([4, 2, 5]), 6, warp=Warp(temperature=1.0), seed=[1, 2, 3])
+    assert 0.3 <= ar.prefill_time < 0.3 + 0.1 and ar.wall_time - ar.prefill_time >= 0.1 * 5
+    assert ar.decoded_tokens == 3 * 5
+    ends = generate.autoregressive(target, prompts(2, 3), 8, warp=GREEDY, eos_token_id=set(range(V)))
+    assert ends.lengths.tolist() == [1, 1] and ends.decoded_tokens == 0 and ends.decode_rate is None
+
+
 def test_per_row_alpha_and_token_origin(pair):
     target, draft = pair
     out = generate.speculative(target, draft, prompts(4, 4, seed=15), 30, gamma=3, warp=Warp(temperature=1.0),

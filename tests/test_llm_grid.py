@@ -119,7 +119,8 @@ def test_diversity_of_a_cell(system):
     assert texts[1] == outs[0].tokens[0].tolist()
     assert len({tuple(t) for t in texts}) == record["distinct_texts"] == 3      # T = 1: three seeds
     P = SMALL["prompts"]
-    assert record["work_tokens"] == SMALL["tokens"] + P * (SMALL["tokens"] + SMALL["short"]) + SMALL["tokens"]
+    # (the engine times its own prefill: one run per prompt, no short run)
+    assert record["work_tokens"] == SMALL["tokens"] + P * SMALL["tokens"] + SMALL["tokens"]
     bigrams = [tuple(t[i:i + 2]) for t in texts for i in range(len(t) - 1)]
     assert record["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
     assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
@@ -151,14 +152,14 @@ def test_batched_cells_take_their_samples_from_the_warm_up(system):
     assert texts[0] == alone[0] and texts[1] != alone[1]
     assert record["self_bleu"] == pytest.approx(llm_grid.self_bleu(texts))
     assert record["distinct_texts"] == len({tuple(t) for t in texts})
-    # work: warm-up (B rows) + one batch of B rows, short and long; nothing for the samples
-    assert record["work_tokens"] == SMALL["tokens"] * 4 + 4 * (SMALL["tokens"] + SMALL["short"])
+    # work: warm-up (B rows) + one measured batch of B rows; nothing for the samples
+    assert record["work_tokens"] == SMALL["tokens"] * 4 + 4 * SMALL["tokens"]
     assert len(outs) == 1
     # fewer rows than samples: an extra decode, counted
     two = llm_grid.run_cell(llm_grid.Cell("shakespeare", "rejection_sampled", "distil", 1.0, 3, 2), system,
                             rows(), SMALL, return_outputs=True)
     assert len(two[2]) == n and two[2][:2] == texts[:2] and two[0]["work_tokens"] == \
-        SMALL["tokens"] * 2 + 2 * (SMALL["tokens"] + SMALL["short"]) + (n - 2) * SMALL["tokens"]
+        SMALL["tokens"] * 2 + 2 * SMALL["tokens"] + (n - 2) * SMALL["tokens"]
     # (warm-up rows, measured-run rows, extra rows) for batch 1, 2, 4
     assert [llm_grid._sample_sources(dataclasses.replace(cell, batch=b), SMALL) for b in (1, 2, 4)] == \
         [(1, 1, 1), (2, 0, 1), (3, 0, 0)]
@@ -323,10 +324,23 @@ def test_grid_cells():
         llm_grid.Cell("code", "hf_prompt_lookup", "trimmed", 0.7, 4, 1)
     with pytest.raises(ValueError, match="prompt lookup has none"):
         llm_grid.Cell("code", "hf_assisted", "prompt_lookup", 0.7, 4, 1)
-    # batch 8: every batched pair, Medusa with the first tree
-    eight = {(c.method, c.draft, c.setting) for c in cells if c.batch == 8 and c.temperature == 0.7}
-    assert eight == {(m, d, None if d is None else "small" if d == "medusa" else llm_grid.COMMON_GAMMA)
-                     for m, d in llm_grid.SETTINGS["batched"]}
+    # batch 8: every batched pair, Medusa with the first tree; the batched_first pairs in
+    # the first batch category only; every method of the engine has batch-8 cells
+    both = llm_grid.grid({"temperatures": (0.7,)}, best)
+
+    def at_eight(category):
+        return {(c.method, c.draft, c.setting) for c in both
+                if c.batch == 8 and c.temperature == 0.7 and c.category == category}
+
+    def settings_of(pairs):
+        return {(m, d, None if d is None else "small" if d == "medusa" else llm_grid.COMMON_GAMMA)
+                for m, d in pairs}
+    first, second = llm_grid.SETTINGS["batch_categories"]
+    assert at_eight(second) == settings_of(llm_grid.SETTINGS["batched"])
+    assert at_eight(first) == settings_of(llm_grid.SETTINGS["batched"] + llm_grid.SETTINGS["batched_first"])
+    engine = set(llm_grid.METHODS) - set(llm_grid._HF)
+    assert {c.method for c in both if c.batch == 8} == engine
+    assert {c.category for c in both if c.batch == 8} == set(llm_grid.SETTINGS["batch_categories"])
     assert not [c for c in cells if c.draft == "prompt_lookup" and c.method in ("rejection_sampled", "match_sampled")]
     gammas = sorted(c.setting for c in cells if (c.method, c.draft, c.temperature, c.batch)
                     == ("rejection_sampled", "distil", 0.7, 1))
@@ -389,14 +403,19 @@ def test_estimate_from_measured_cells(tmp_path, capsys):
     s = {"categories": ("gsm8k",), "temperatures": (0.7,), "methods": ("autoregressive", "rejection_sampled"),
          "drafts": ("distil",), "batches": (1,), "tokens": 10, "short": 2, "prompts": 2, "samples": 3}
     guess = llm_grid.estimate({"cells": cells}, s, best={})
-    # autoregressive: 10 warm-up + 2 x 12 + 10 for the third sample (the warm-up and the first
-    # prompt's run are the other two) = 44 tokens; rejection (gamma 4) the same
-    assert guess["cells"] == 2 and guess["seconds"] == round(44 * 0.01 + 44 * 0.02)
+    # autoregressive: 10 warm-up + 2 x 10 + 10 for the third sample (the warm-up and the first
+    # prompt's run are the other two) = 40 tokens; rejection (gamma 4) the same
+    assert guess["cells"] == 2 and guess["seconds"] == round(40 * 0.01 + 40 * 0.02)
     # a batch-8 cell (no measured batch-8 rate: the slowest, 0.02): 10 x 8 warm-up, whose
-    # first rows are its samples, + 12 x 8
+    # first rows are its samples, + 10 x 8
     eight = llm_grid.estimate({"cells": cells}, {**s, "batches": (1, 8), "batch_categories": ("gsm8k",),
-                                                 "batched": (("autoregressive", None),)}, best={})
-    assert eight["cells"] == 3 and eight["seconds"] == round(44 * 0.01 + 44 * 0.02 + 176 * 0.02)
+                                                 "batched": (("autoregressive", None),), "batched_first": ()},
+                           best={})
+    assert eight["cells"] == 3 and eight["seconds"] == round(40 * 0.01 + 40 * 0.02 + 160 * 0.02)
+    # transformers' peer (the slowest rate) also runs a short run of 2 tokens per prompt: 44
+    peer = llm_grid.estimate({"cells": cells}, {**s, "methods": ("autoregressive", "hf_prompt_lookup"),
+                                                "drafts": ("prompt_lookup",)}, best={})
+    assert peer["cells"] == 2 and peer["seconds"] == round(40 * 0.01 + 44 * 0.02)
     with pytest.raises(ValueError, match="cells"):
         llm_grid.estimate({"rows": []})
     path = tmp_path / "quick.json"

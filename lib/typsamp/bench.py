@@ -935,20 +935,32 @@ def _run_grid(flags: list[str], record: dict | None, threads: int | None) -> dic
         return json.loads(out.read_text())
 
 
-def _decode_rate(make_run, rows_list, tokens: int, short: int, *, warm=None, return_warmup: bool = False):
-    """Summed decode rate over prompts: total (long - short) tokens / total time difference,
-    after one full-length warm-up run (see :func:`bench_llm`); ``make_run(rows)`` returns
-    ``run(n) -> (seconds, tokens, Generation)``. ``warm``: a callable that runs the warm-up
-    instead (of the same shapes; its return value is kept), default ``make_run(rows_list[0])(tokens)``.
-    Returns (tokens/s, the long runs' outputs), and the warm-up's result with ``return_warmup``."""
+def _decode_rate(make_run, rows_list, tokens: int, short: int | None, *, warm=None,
+                 return_warmup: bool = False):
+    """Summed decode rate over prompts, after one full-length warm-up run (see
+    :func:`bench_llm`): with ``short`` tokens, total (long − short) tokens / total time
+    difference of a long and a short run per prompt; with ``short=None``, one run per
+    prompt, total tokens decoded after the prefill / total time after it (the Generation's
+    ``decoded_tokens`` and ``wall_time − prefill_time``, which the engine records and
+    transformers' generate does not). ``make_run(rows)`` returns ``run(n) -> (seconds,
+    tokens, Generation)``. ``warm``: a callable that runs the warm-up instead (of the same
+    shapes; its return value is kept), default ``make_run(rows_list[0])(tokens)``. Returns
+    (tokens/s, the long runs' outputs), and the warm-up's result with ``return_warmup``."""
     dn = dt = 0.0
     outs = []
     warmed = make_run(rows_list[0])(tokens) if warm is None else warm()
     for rows in rows_list:
         run = make_run(rows)
-        t_s, n_s, _ = run(short)
-        t_l, n_l, out = run(tokens)
-        dn, dt = dn + n_l - n_s, dt + t_l - t_s
+        if short is None:
+            _, _, out = run(tokens)
+            if out.decoded_tokens < 1 or not 0 < out.prefill_time < out.wall_time:
+                raise ValueError(f"the run records no decoding after its prefill ({out.decoded_tokens} tokens, "
+                                 f"prefill {out.prefill_time} of {out.wall_time} s): time it with `short`")
+            dn, dt = dn + out.decoded_tokens, dt + out.wall_time - out.prefill_time
+        else:
+            t_s, n_s, _ = run(short)
+            t_l, n_l, out = run(tokens)
+            dn, dt = dn + n_l - n_s, dt + t_l - t_s
         outs.append(out)
     rate = dn / max(dt, 1e-9)
     return (rate, outs, warmed) if return_warmup else (rate, outs)

@@ -131,6 +131,12 @@ class Generation:
         accepted_lengths: int64 [steps, B], candidates accepted per row and step (-1
             once a row is done); empty for autoregressive.
         wall_time: seconds, prefill included.
+        prefill_time: seconds of the prefill (the proposer's start and the target's pass
+            over the prompt), the first part of ``wall_time``.
+        decoded_tokens: tokens the passes after the prefill committed, summed over rows:
+            autoregressive decoding, each row's tokens but its first (the prefill's logits
+            give it); speculative decoding, every committed token, the last step's tokens
+            past ``max_new_tokens`` included (verified, then cut from ``tokens``).
     """
 
     tokens: torch.Tensor
@@ -144,6 +150,15 @@ class Generation:
     gamma: int = 0
     accepted_lengths: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     wall_time: float = 0.0
+    prefill_time: float = 0.0
+    decoded_tokens: int = 0
+
+    @property
+    def decode_rate(self) -> float | None:
+        """Tokens per second after the prefill: ``decoded_tokens`` / (``wall_time`` −
+        ``prefill_time``); None when nothing was decoded after it."""
+        seconds = self.wall_time - self.prefill_time
+        return self.decoded_tokens / seconds if self.decoded_tokens and seconds > 0 else None
 
     @property
     def examined(self) -> int:
@@ -255,6 +270,13 @@ def tree(parents: torch.Tensor) -> Tree:
     ancestors[rows[on_path], topo.root_paths[on_path] + 1] = True
     return Tree(parents=parents, chain=topo.chain, depths=topo.depth, ancestors=ancestors,
                 leaf=topo.children[:, 0] < 0, depth=topo.max_depth)
+
+
+def _clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class Proposer(Protocol):
@@ -552,6 +574,7 @@ def autoregressive(model, prompt, max_new_tokens: int, *, warp: sampling.Warp = 
             logits = logits.gather(1, (prompt_lengths - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))
             model.cache.rollback(prompt_lengths, check=False)
         logits = logits[:, -1]
+        prefilled = _clock(device)
         maxima = torch.empty(max_new_tokens, B, dtype=logits.dtype, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device) if eos is not None else None
         for i in range(max_new_tokens):
@@ -584,7 +607,8 @@ def autoregressive(model, prompt, max_new_tokens: int, *, warp: sampling.Warp = 
     tokens = out.masked_fill(column >= lengths[:, None], -1)
     origin = torch.zeros(B, max_new_tokens, dtype=torch.int8, device=device).masked_fill(column >= lengths[:, None], -1)
     return Generation(tokens=tokens, lengths=lengths, origin=origin, steps=steps, target_passes=steps,
-                      wall_time=time.perf_counter() - start)
+                      wall_time=time.perf_counter() - start, prefill_time=prefilled - start,
+                      decoded_tokens=int(lengths.sum()) - B)
 
 
 # ---------------------------------------------------------------------------------------
@@ -664,6 +688,7 @@ def speculative(target, proposer_or_draft, prompt, max_new_tokens: int, *, gamma
             target_passes += 1
             if ragged:
                 target.cache.rollback(prompt_lengths - 1, check=False)
+        prefilled = _clock(device)
         n_work = n
         active = torch.ones(B, dtype=torch.bool, device=device)
         step = 0
@@ -760,6 +785,8 @@ def speculative(target, proposer_or_draft, prompt, max_new_tokens: int, *, gamma
         gamma=depth,
         accepted_lengths=lengths_steps,
         wall_time=time.perf_counter() - start,
+        prefill_time=prefilled - start,
+        decoded_tokens=int((n - prompt_lengths).sum()),
     )
 
 

@@ -35,9 +35,12 @@ Medusa, ``None`` for autoregressive decoding.
 
 Per cell (:func:`run_cell`):
 
-* ``tokens_per_s``: the decoding rate without the prefill, measured as
-  :func:`typsamp.bench.bench_llm` does (``bench._decode_rate``: a full-length warm-up, then
-  per prompt (tokens of a long run − tokens of a short run) / time difference);
+* ``tokens_per_s``: the decoding rate without the prefill (``bench._decode_rate``, after
+  a full-length warm-up): tokens decoded after the prefill / seconds after it, summed over
+  the prompts, from the engine's own clock (``Generation.prefill_time`` and
+  ``decoded_tokens``); transformers' peers, whose generate has no such clock, take
+  (tokens of a long run − tokens of a ``short`` run) / time difference, the short run
+  holding the prefill and the first assisted step;
   ``speedup`` over the autoregressive cell of the same category, T and batch
   (:func:`add_speedups`); ``alpha`` (accepted / examined drafts, Leviathan et al.'s α),
   ``tokens_per_step`` (tokens kept per row and step) and ``mean_accepted`` (candidates
@@ -55,9 +58,10 @@ Per cell (:func:`run_cell`):
   unwarped target (T = 1), with its standard error; greedier text scores better, so it is
   no measure of quality by itself;
 * diversity across ``samples`` generations of the category's first prompt, on every
-  cell (:func:`diverse`): batch-1 cells decode them as one extra batch; batch-B cells
-  (B ≥ ``samples``) take the first ``samples`` rows of their warm-up, which decodes B
-  copies of that prompt, so they cost no extra run:
+  cell (:func:`diverse`, :func:`_sample_sources`): a batch-1 cell takes its warm-up, its
+  measured run of the first prompt and one extra decode; a batch-B cell (B ≥ ``samples``)
+  the first ``samples`` rows of its warm-up, which decodes B copies of that prompt, so it
+  costs no extra run:
   ``distinct_2`` (distinct bigrams / bigrams, pooled over the samples), ``self_bleu``
   (:func:`self_bleu`, our own BLEU-4 over token ids; no BLEU package is installed) and
   ``repetition`` (:func:`repetition`: the share of repeated 4-grams within a sample);
@@ -172,11 +176,17 @@ SETTINGS = {
     # batch-8 cells: (method, draft) pairs, at COMMON_GAMMA (Medusa: the first tree)
     "batched": (("autoregressive", None), ("rejection_sampled", "trimmed"), ("rejection_sampled", "distil"),
                 ("typical_greedy", "trimmed"), ("rejection_greedy", "prompt_lookup"), ("medusa_typical", "medusa")),
+    # more batch-8 pairs, in the first of batch_categories only, so that every method of
+    # the engine runs at batch 8 (the 60 minutes do not hold them in both categories)
+    "batched_first": (("match_sampled", "trimmed"), ("typical_greedy_ep", "trimmed"),
+                      ("medusa_typical_sampled", "medusa"), ("medusa_exact", "medusa")),
     "peer_drafts": ("trimmed",),  # hf_assisted runs with these drafts (hf_prompt_lookup with prompt lookup)
     "prompts": 2,              # batch-1 prompts per category
     "prompt_tokens": 64,
     "tokens": 24,              # new tokens of the long (measured) run
-    "short": 6,                # new tokens of the short run whose time is subtracted
+    # transformers' peers: new tokens of the short run whose time is subtracted (the
+    # prefill and the first assisted step; the engine's runs time their own prefill)
+    "short": 2,
     "samples": 3,              # generations of one prompt for diversity
     "exec_timeout": 3.0,       # seconds per HumanEval completion
     "seed": 0,
@@ -186,8 +196,8 @@ QUICK = {**SETTINGS, "categories": ("code", "shakespeare"), "temperatures": (0.7
          "drafts": ("trimmed", "distil", "prompt_lookup"),
          "methods": ("autoregressive", "rejection_sampled", "rejection_greedy", "match_sampled", "typical_greedy",
                      "typical_greedy_ep", "medusa_typical", "medusa_exact", "hf_assisted"),
-         "batched": (("autoregressive", None), ("rejection_sampled", "trimmed")),
-         "tokens": 12, "short": 4, "samples": 3, "quick_pairs": True}
+         "batched": (("autoregressive", None), ("rejection_sampled", "trimmed")), "batched_first": (),
+         "tokens": 12, "short": 2, "samples": 3, "quick_pairs": True}
 
 #: HumanEval's stop sequences (Chen et al. 2021, the Codex paper): a completion ends where one begins.
 STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -613,8 +623,9 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
     decoding, each chain method with each draft at its best γ and :data:`COMMON_GAMMA`
     (once where they agree; ``typical_greedy_ep`` at the best only), each Medusa method
     with each tree, transformers' peers at the common γ, all at batch 1; then, for the
-    ``batch_categories``, the ``batched`` (method, draft) pairs at each batch > 1, at the
-    common γ (Medusa: the first tree)."""
+    ``batch_categories``, the ``batched`` (method, draft) pairs at each batch > 1, and in
+    the first of them also the ``batched_first`` pairs, at the common γ (Medusa: the first
+    tree)."""
     s = {**SETTINGS, **(settings or {})}
     best = best_gammas() if best is None else best
     cells = []
@@ -644,7 +655,10 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
             for B in s["batches"]:
                 if B == 1 or category not in s["batch_categories"]:
                     continue
-                for method, draft in s["batched"]:
+                pairs = list(s["batched"])
+                if category == s["batch_categories"][0]:
+                    pairs += list(s.get("batched_first", ()))
+                for method, draft in pairs:
                     if method in _NOT_AT_T0 and T == 0:
                         continue
                     setting = None if draft is None else s["trees"][0] if method in _MEDUSA else COMMON_GAMMA
@@ -689,6 +703,13 @@ def _sample_sources(cell: Cell, settings: dict) -> tuple[int, int, int]:
     warm = min(cell.batch, n)
     timed = 1 if cell.batch == 1 and warm < n else 0
     return warm, timed, n - warm - timed
+
+
+def _short(cell: Cell, settings: dict) -> int | None:
+    """The short run whose time a cell's rate subtracts: ``settings["short"]`` tokens for
+    transformers' peers (their generate does not say when its prefill ends), None for the
+    engine's cells, whose runs record it (``Generation.prefill_time``)."""
+    return int(settings["short"]) if cell.method in _HF else None
 
 
 def _rows(gen, k: int | None = None) -> list[list[int]]:
@@ -780,7 +801,7 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     if why is not None:
         return ({**record, "skipped": why}, [], None) if return_outputs else {**record, "skipped": why}
     start = time.perf_counter()
-    seed, tokens, short = s["seed"], s["tokens"], s["short"]
+    seed, tokens = s["seed"], s["tokens"]
     if cell.batch == 1:
         batches = [[r] for r in rows]
         names = list(system.get("names") or [None] * len(rows))
@@ -806,8 +827,9 @@ def run_cell(cell: Cell, system: dict, rows: list[torch.Tensor], settings: dict 
     if from_warm:                     # the warm-up decodes B copies of the first prompt
         def warm():
             return _decode(cell, system, [rows[0]] * cell.batch, tokens, sample_seeds[:cell.batch])
+    short = _short(cell, s)
     rate, outs, warmed = bench._decode_rate(make, batches, tokens, short, warm=warm, return_warmup=True)
-    units = tokens * len(batches[0]) + sum(len(b) * (tokens + short) for b in batches)   # warm-up + runs
+    units = tokens * len(batches[0]) + sum(len(b) * (tokens + (short or 0)) for b in batches)   # warm-up + runs
     flat_rows = [r for b in batches for r in b]
     record.update(tokens_per_s=rate, generated=sum(int(o.lengths.sum()) for o in outs))
     if cell.method in _HF:
@@ -905,7 +927,7 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
         rate = per.get((c.method, c.batch > 1))
         rate = sum(rate) / len(rate) if rate else fallback
         P = s_full["prompts"] if c.batch == 1 else 1
-        work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + s_full["short"]) * c.batch
+        work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + (_short(c, s_full) or 0)) * c.batch
         work += _sample_sources(c, s_full)[2] * s_full["tokens"]
         total += rate * work
     return {"seconds": round(total), "cells": len(full),
