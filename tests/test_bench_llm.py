@@ -235,5 +235,15 @@ def test_decode_rate_from_the_engines_clock_or_a_short_run():
             g = Generation(tokens=torch.zeros(1, n, dtype=torch.long), wall_time=1.0)
             return 1.0, n, g
         return run
-    with pytest.raises(ValueError, match="no decoding after its prefill"):
+    with pytest.raises(ValueError, match="keeps no prefill clock"):
         bench._decode_rate(unclocked, [["a"]], 10, None)
+
+    # a clocked run that decoded nothing after its prefill (every row ended at once)
+    def ended(rows):
+        def run(n):
+            g = Generation(tokens=torch.zeros(1, n, dtype=torch.long), wall_time=1.0, prefill_time=1.0,
+                           decoded_tokens=0)
+            return 1.0, 1, g
+        return run
+    with pytest.raises(ValueError, match="decoded nothing after its prefill"):
+        bench._decode_rate(ended, [["a"]], 10, None)

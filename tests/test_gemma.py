@@ -418,3 +418,35 @@ def test_bfloat16_one_row_head_equals_the_plain_product():
     weight = torch.randn(1000, 64).to(torch.bfloat16)
     h = torch.randn(1, 64).to(torch.bfloat16)
     assert torch.equal(gemma._head(h, weight), (weight @ h.T).T)
+
+
+def test_head_logits_are_the_forward_pass_logits_of_those_positions(tiny):
+    model = tiny
+    from typsamp import tree_acceptance
+    text = torch.randint(0, TINY.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    model.clear_cache()
+    with torch.inference_mode():
+        full = model(text)
+        part = model.head_logits(model(text, head=None)[0, 5:])
+    assert part.shape == (7, TINY.vocab_size) and torch.equal(part, full[0, 5:])
+    with pytest.raises(ValueError, match="must end in"):
+        model.head_logits(torch.zeros(3, TINY.hidden + 1))
+    # position_laws_at takes that path; a model without head_logits the full pass: same laws
+    prompt, tokens = text[0, :5], text[0, 5:]
+    laws = tree_acceptance.position_laws_at(model, prompt, tokens, (0.0, 0.7, 1.0))
+
+    class Plain(torch.nn.Module):                 # the same model, no head_logits
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *a, **k):
+            return self.m(*a, **k)
+
+        def clear_cache(self):
+            self.m.clear_cache()
+    plain = tree_acceptance.position_laws_at(Plain(model), prompt, tokens, (0.0, 0.7, 1.0))
+    for (p, top), (q, top_q) in zip(laws, plain):
+        assert torch.equal(p, q) and torch.equal(top, top_q)
+    assert torch.equal(laws[0][0], laws[0][1].double())          # T = 0: the argmax indicator
+    assert tree_acceptance.position_laws(model, prompt, tokens, 0.7)[0].equal(laws[1][0])

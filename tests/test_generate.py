@@ -389,41 +389,64 @@ def test_statistics_add_up(pair):
     assert out.lengths.tolist() == [25, 25, 25]
 
 
-class _Slowed:
-    """A model whose first call (the prefill) sleeps ``first`` seconds and every later
-    call ``later`` seconds: where the engine's prefill clock stops becomes measurable."""
+class _Clock:
+    """A fake time.perf_counter: it moves only when a model call advances it."""
 
-    def __init__(self, model, first: float, later: float):
-        self.model, self.first, self.later, self.calls = model, first, later, 0
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Timed:
+    """A model whose first call (the prefill) takes ``first`` fake seconds and every later
+    call ``later``: where the engine's prefill clock stops becomes exact."""
+
+    def __init__(self, model, clock: _Clock, first: float, later: float):
+        self.model, self.clock, self.first, self.later, self.calls = model, clock, first, later, 0
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def __call__(self, *args, **kwargs):
-        import time
-        time.sleep(self.first if self.calls == 0 else self.later)
+        self.clock.now += self.first if self.calls == 0 else self.later
         self.calls += 1
         return self.model(*args, **kwargs)
 
 
-def test_the_prefill_is_timed_apart_and_the_decoded_tokens_counted(pair):
+def test_the_prefill_is_timed_apart_and_the_decoded_tokens_counted(pair, monkeypatch):
     target, draft = pair
-    slow = _Slowed(target, first=0.3, later=0.1)
+    clock = _Clock()
+    monkeypatch.setattr(generate, "time", clock)
+    slow = _Timed(target, clock, first=3.0, later=0.5)
     out = generate.speculative(slow, draft, prompts(3, 4), 12, gamma=3, warp=Warp(temperature=1.0), seed=0)
-    # the prefill (the first target call) is inside prefill_time, every step's pass after it
-    assert 0.3 <= out.prefill_time < 0.3 + 0.1
-    assert out.wall_time - out.prefill_time >= 0.1 * out.steps
+    # the prefill (the first target call) is all of prefill_time; each step's pass after it
+    assert out.prefill_time == 3.0 and out.target_passes == slow.calls == out.steps + 1
+    assert out.wall_time - out.prefill_time == pytest.approx(0.5 * out.steps)
     # every committed token counts, the last step's tokens past max_new_tokens included
     live = out.accepted_lengths >= 0
     assert out.decoded_tokens == int(((out.accepted_lengths + 1) * live).sum()) >= 3 * 12
-    assert out.decode_rate == pytest.approx(out.decoded_tokens / (out.wall_time - out.prefill_time))
+    assert out.decode_rate == pytest.approx(out.decoded_tokens / (0.5 * out.steps))
     # autoregressive: the prefill's logits give each row's first token; the rest are decoded
-    slow = _Slowed(target, first=0.3, later=0.1)
+    slow = _Timed(target, clock, first=3.0, later=0.5)
     ar = generate.autoregressive(slow, ragged([4, 2, 5]), 6, warp=Warp(temperature=1.0), seed=[1, 2, 3])
-    assert 0.3 <= ar.prefill_time < 0.3 + 0.1 and ar.wall_time - ar.prefill_time >= 0.1 * 5
-    assert ar.decoded_tokens == 3 * 5
+    assert ar.prefill_time == 3.0 and ar.wall_time - ar.prefill_time == pytest.approx(0.5 * 5)
+    assert ar.decoded_tokens == 3 * 5 and ar.decode_rate == pytest.approx(15 / 2.5)
+    # rows that end early: their kept tokens (the end token included) but the first
     ends = generate.autoregressive(target, prompts(2, 3), 8, warp=GREEDY, eos_token_id=set(range(V)))
     assert ends.lengths.tolist() == [1, 1] and ends.decoded_tokens == 0 and ends.decode_rate is None
+    eos = int(generate.autoregressive(target, prompts(4, 3, seed=5), 8, warp=GREEDY).tokens[0, 2])
+    some = generate.autoregressive(target, prompts(4, 3, seed=5), 8, warp=GREEDY, eos_token_id=eos)
+    assert some.decoded_tokens == int(some.lengths.sum()) - 4 and some.lengths.min() < 8
+    spec = generate.speculative(target, draft, prompts(4, 3, seed=5), 8, gamma=3, warp=GREEDY, eos_token_id=eos)
+    assert torch.equal(spec.tokens, some.tokens) and spec.decoded_tokens >= int(spec.lengths.sum())
+    # a one-token prompt: speculative decoding has no target prefill pass, only the start
+    slow = _Timed(target, clock, first=0.5, later=0.5)
+    one = generate.speculative(slow, draft, prompts(2, 1), 6, gamma=2, warp=GREEDY)
+    assert one.prefill_time == 0.0 and one.wall_time == pytest.approx(0.5 * one.steps)
+    # a Generation made elsewhere keeps no clock
+    assert generate.Generation(tokens=torch.zeros(1, 2, dtype=torch.long)).decode_rate is None
 
 
 def test_per_row_alpha_and_token_origin(pair):

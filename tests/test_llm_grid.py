@@ -187,6 +187,9 @@ def test_transformers_peer_cells(system):
         assert record["tv_from_target"] == 0 and record["generated"] == 3 * SMALL["tokens"]
         assert [o.tokens.tolist() for o in outs] == [o.tokens.tolist() for o in ours]
         assert record["tokens_per_s"] > 0
+        # transformers' generate keeps no prefill clock: a short run per prompt, counted
+        P = SMALL["prompts"]
+        assert record["work_tokens"] == SMALL["tokens"] + P * (SMALL["tokens"] + SMALL["short"]) + SMALL["tokens"]
     missing = llm_grid.run_cell(cells[0], {**sys_, "peers": {None: sys_["peers"][None]}}, rows(), SMALL)
     assert "not built" in missing["skipped"]
 
@@ -341,6 +344,11 @@ def test_grid_cells():
     engine = set(llm_grid.METHODS) - set(llm_grid._HF)
     assert {c.method for c in both if c.batch == 8} == engine
     assert {c.category for c in both if c.batch == 8} == set(llm_grid.SETTINGS["batch_categories"])
+    # the batched_first pairs only at their temperatures
+    hot = {(c.method, c.draft, c.setting) for c in llm_grid.grid({"temperatures": (1.0,)}, best)
+           if c.batch == 8 and c.category == first}
+    assert hot == settings_of(p for p in llm_grid.SETTINGS["batched"])
+    assert llm_grid.SETTINGS["batched_first_temperatures"] == (0.7,)
     assert not [c for c in cells if c.draft == "prompt_lookup" and c.method in ("rejection_sampled", "match_sampled")]
     gammas = sorted(c.setting for c in cells if (c.method, c.draft, c.temperature, c.batch)
                     == ("rejection_sampled", "distil", 0.7, 1))
@@ -412,6 +420,14 @@ def test_estimate_from_measured_cells(tmp_path, capsys):
                                                  "batched": (("autoregressive", None),), "batched_first": ()},
                            best={})
     assert eight["cells"] == 3 and eight["seconds"] == round(40 * 0.01 + 40 * 0.02 + 160 * 0.02)
+    # with a measured batch-8 cell (0.001 s per token), an unmeasured batch-8 method takes
+    # the slowest batched rate, not the batch-1 one
+    measured = cells + [{"method": "autoregressive", "batch": 8, "seconds": 1.0, "work_tokens": 1000}]
+    both = llm_grid.estimate({"cells": measured}, {**s, "batches": (1, 8), "batch_categories": ("gsm8k",),
+                                                   "batched": (("autoregressive", None), ("rejection_sampled",
+                                                                                           "distil")),
+                                                   "batched_first": ()}, best={})
+    assert both["cells"] == 4 and both["seconds"] == round(40 * 0.01 + 40 * 0.02 + 2 * 160 * 0.001)
     # transformers' peer (the slowest rate) also runs a short run of 2 tokens per prompt: 44
     peer = llm_grid.estimate({"cells": cells}, {**s, "methods": ("autoregressive", "hf_prompt_lookup"),
                                                 "drafts": ("prompt_lookup",)}, best={})

@@ -953,9 +953,12 @@ def _decode_rate(make_run, rows_list, tokens: int, short: int | None, *, warm=No
         run = make_run(rows)
         if short is None:
             _, _, out = run(tokens)
-            if out.decoded_tokens < 1 or not 0 < out.prefill_time < out.wall_time:
-                raise ValueError(f"the run records no decoding after its prefill ({out.decoded_tokens} tokens, "
-                                 f"prefill {out.prefill_time} of {out.wall_time} s): time it with `short`")
+            if out.prefill_time is None or out.decoded_tokens is None:
+                raise ValueError("the run keeps no prefill clock (transformers' generate does not): "
+                                 "time it with a `short` run")
+            if out.decoded_tokens < 1 or out.wall_time <= out.prefill_time:
+                raise ValueError(f"the run decoded nothing after its prefill ({out.decoded_tokens} tokens in "
+                                 f"{out.wall_time - out.prefill_time:.3g} s; did every row end at its first token?)")
             dn, dt = dn + out.decoded_tokens, dt + out.wall_time - out.prefill_time
         else:
             t_s, n_s, _ = run(short)

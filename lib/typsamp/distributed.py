@@ -299,7 +299,8 @@ class _Book:
             self.active = self.active & ~self.finished
         self.n_work = torch.minimum(self.n, self.last_row)
 
-    def generation(self, target_passes: int, draft_passes: int, wall: float) -> generate.Generation:
+    def generation(self, target_passes: int, draft_passes: int, wall: float,
+                   prefill: float | None = None) -> generate.Generation:
         B, gamma, max_new = self.B, self.gamma, self.max_new_tokens
         steps = torch.stack(self.accepted_lengths).cpu() if self.accepted_lengths else torch.zeros(0, B, dtype=torch.long)
         live = steps >= 0
@@ -312,7 +313,8 @@ class _Book:
         return generate.Generation(tokens=tokens, lengths=lengths, origin=origin, steps=len(self.accepted_lengths),
                                    target_passes=target_passes, draft_passes=draft_passes,
                                    drafted=gamma * int(live.sum()), accepted=int(steps[live].sum()), gamma=gamma,
-                                   accepted_lengths=steps, wall_time=wall)
+                                   accepted_lengths=steps, wall_time=wall, prefill_time=prefill,
+                                   decoded_tokens=int((self.n - self.prompt_lengths).sum()))
 
 
 def _replay_draft_draws(gamma: int, B: int, generator, device) -> None:
@@ -454,7 +456,7 @@ def _draft_loop(wire: Wire, draft, job: dict, V: int, p_dtype) -> dict:
             wire.send(pending[1].to(ID))
             wire.end_step()
     end = time.perf_counter()
-    out = book.generation(0, proposer.passes, end - start)
+    out = book.generation(0, proposer.passes, end - start, prefill=decode_start - start)
     return {"generation": out, "compute": compute, "prefill_compute": prefill, "decode_seconds": end - decode_start,
             "prefill_seconds": decode_start - start}
 

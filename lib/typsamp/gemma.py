@@ -385,6 +385,19 @@ class Gemma(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.model.embed_tokens.weight.numel() if non_embedding else n
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of final-normed hidden states [..., hidden] (``forward(...,
+        head=None)``) under the tied head, by the product a forward pass uses: a caller
+        that needs the logits of a few positions of a long text pays the 262,144-row head
+        for those positions only."""
+        checks.tensor("hidden", hidden, floating=True)
+        c = self.config
+        if hidden.dim() < 1 or hidden.shape[-1] != c.hidden:
+            raise ValueError(f"`hidden` must end in {c.hidden}, got shape {tuple(hidden.shape)}")
+        weight = self.model.embed_tokens.weight
+        return _head(hidden.reshape(-1, c.hidden).contiguous(), weight, pack=True).view(
+            *hidden.shape[:-1], weight.shape[0])
+
     def setup_cache(self, batch_size: int, max_len: int = 2048,
                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
         """Allocate an empty KV cache of ``max_len`` positions per row (default: the model's

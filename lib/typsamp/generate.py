@@ -131,12 +131,16 @@ class Generation:
         accepted_lengths: int64 [steps, B], candidates accepted per row and step (-1
             once a row is done); empty for autoregressive.
         wall_time: seconds, prefill included.
-        prefill_time: seconds of the prefill (the proposer's start and the target's pass
-            over the prompt), the first part of ``wall_time``.
-        decoded_tokens: tokens the passes after the prefill committed, summed over rows:
-            autoregressive decoding, each row's tokens but its first (the prefill's logits
-            give it); speculative decoding, every committed token, the last step's tokens
-            past ``max_new_tokens`` included (verified, then cut from ``tokens``).
+        prefill_time: seconds of the prefill, the first part of ``wall_time``: the
+            target's pass over the prompt (speculative decoding: over all of it but the
+            last token, none for a one-token prompt) and the proposer's start; None where
+            the maker of the Generation kept no such clock.
+        decoded_tokens: tokens the passes after the prefill committed, summed over rows
+            (None where not counted): autoregressive decoding, each row's tokens but its
+            first (the prefill's logits give it); speculative decoding, every committed
+            token, the last step's tokens past ``max_new_tokens`` included. Those were
+            verified and a longer run keeps them; leaving them out would charge the last
+            step's whole cost to part of its tokens and understate the steady rate.
     """
 
     tokens: torch.Tensor
@@ -150,15 +154,17 @@ class Generation:
     gamma: int = 0
     accepted_lengths: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
     wall_time: float = 0.0
-    prefill_time: float = 0.0
-    decoded_tokens: int = 0
+    prefill_time: float | None = None
+    decoded_tokens: int | None = None
 
     @property
     def decode_rate(self) -> float | None:
         """Tokens per second after the prefill: ``decoded_tokens`` / (``wall_time`` −
-        ``prefill_time``); None when nothing was decoded after it."""
+        ``prefill_time``); None without the clock or when nothing was decoded after it."""
+        if self.prefill_time is None or not self.decoded_tokens:
+            return None
         seconds = self.wall_time - self.prefill_time
-        return self.decoded_tokens / seconds if self.decoded_tokens and seconds > 0 else None
+        return self.decoded_tokens / seconds if seconds > 0 else None
 
     @property
     def examined(self) -> int:

@@ -86,8 +86,8 @@ the run's own estimate of the full run's wall time from the cells' measured seco
 
 Reused, not rewritten: :func:`typsamp.tree_acceptance.position_laws` and its per-law
 distances (``lib/typsamp/tree_acceptance.py`` at 4046d29), ``bench._decode_rate``,
-``bench.METHODS`` and ``bench.load_llm_drafts`` (``lib/typsamp/bench.py`` at 9bbf127), the
-engine's ``Generation`` counters (``lib/typsamp/generate.py`` at 7424ed8).
+``bench.METHODS`` and ``bench.load_llm_drafts`` (``lib/typsamp/bench.py``), the engine's
+``Generation`` counters and prefill clock (``lib/typsamp/generate.py``).
 """
 
 from __future__ import annotations
@@ -176,10 +176,11 @@ SETTINGS = {
     # batch-8 cells: (method, draft) pairs, at COMMON_GAMMA (Medusa: the first tree)
     "batched": (("autoregressive", None), ("rejection_sampled", "trimmed"), ("rejection_sampled", "distil"),
                 ("typical_greedy", "trimmed"), ("rejection_greedy", "prompt_lookup"), ("medusa_typical", "medusa")),
-    # more batch-8 pairs, in the first of batch_categories only, so that every method of
-    # the engine runs at batch 8 (the 60 minutes do not hold them in both categories)
+    # more batch-8 pairs, so that every method of the engine runs at batch 8: in the first
+    # of batch_categories, at batched_first_temperatures only (the 60 minutes hold no more)
     "batched_first": (("match_sampled", "trimmed"), ("typical_greedy_ep", "trimmed"),
                       ("medusa_typical_sampled", "medusa"), ("medusa_exact", "medusa")),
+    "batched_first_temperatures": (0.7,),
     "peer_drafts": ("trimmed",),  # hf_assisted runs with these drafts (hf_prompt_lookup with prompt lookup)
     "prompts": 2,              # batch-1 prompts per category
     "prompt_tokens": 64,
@@ -288,12 +289,11 @@ def quality(target, rows: list[torch.Tensor], outs: list, method: str, T: float)
     for prompt, (out, b) in zip(rows, texts):
         L = int(out.lengths[b])
         x = out.tokens[b, :L]
-        p_x, top = tree_acceptance.position_laws(target, prompt, x, T)
+        (p_x, top), (p1, _) = tree_acceptance.position_laws_at(target, prompt, x, (T, 1.0))
         tv, kl = distances(method, p_x, out.origin[b, :L])
         tv_rows.append(float(tv.mean()))
         kl_rows.append(float(kl.mean()))
         ties += int((~top).sum()) if T == 0 else 0
-        p1 = p_x if T == 1.0 else tree_acceptance.position_laws(target, prompt, x, 1.0)[0]
         nll_rows.append(float(-torch.log(p1.clamp(min=1e-300)).mean()))
     tv_m, tv_se = _mean_se(tv_rows)
     kl_m, kl_se = _mean_se(kl_rows)
@@ -624,8 +624,8 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
     (once where they agree; ``typical_greedy_ep`` at the best only), each Medusa method
     with each tree, transformers' peers at the common γ, all at batch 1; then, for the
     ``batch_categories``, the ``batched`` (method, draft) pairs at each batch > 1, and in
-    the first of them also the ``batched_first`` pairs, at the common γ (Medusa: the first
-    tree)."""
+    the first of them at ``batched_first_temperatures`` also the ``batched_first`` pairs,
+    at the common γ (Medusa: the first tree)."""
     s = {**SETTINGS, **(settings or {})}
     best = best_gammas() if best is None else best
     cells = []
@@ -656,7 +656,7 @@ def grid(settings: dict | None = None, best: dict | None = None) -> list[Cell]:
                 if B == 1 or category not in s["batch_categories"]:
                     continue
                 pairs = list(s["batched"])
-                if category == s["batch_categories"][0]:
+                if category == s["batch_categories"][0] and T in map(float, s["batched_first_temperatures"]):
                     pairs += list(s.get("batched_first", ()))
                 for method, draft in pairs:
                     if method in _NOT_AT_T0 and T == 0:
@@ -921,11 +921,12 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
             per.setdefault((r["method"], r["batch"] > 1), []).append(r["seconds"] / r["work_tokens"])
     if not per:
         return {"seconds": None, "why": "no cell was measured"}
-    fallback = max(sum(v) / len(v) for v in per.values())
+    means = {k: sum(v) / len(v) for k, v in per.items()}
+    slowest = {b: max((r for (m, bb), r in means.items() if bb == b), default=max(means.values()))
+               for b in (False, True)}
     total = 0.0
     for c in full:
-        rate = per.get((c.method, c.batch > 1))
-        rate = sum(rate) / len(rate) if rate else fallback
+        rate = means.get((c.method, c.batch > 1), slowest[c.batch > 1])
         P = s_full["prompts"] if c.batch == 1 else 1
         work = s_full["tokens"] * c.batch + P * (s_full["tokens"] + (_short(c, s_full) or 0)) * c.batch
         work += _sample_sources(c, s_full)[2] * s_full["tokens"]
@@ -933,7 +934,8 @@ def _estimate(rows: list[dict], full: list[Cell], s_full: dict, s_run: dict | No
     return {"seconds": round(total), "cells": len(full),
             "how": "per (method, batched): mean seconds per generated token of this run's cells "
                    "(prefill, scoring, quality and HumanEval included), times each full cell's tokens; "
-                   "methods this run lacks take the slowest rate. Under the load of this run."}
+                   "methods this run lacks take the slowest rate of its batch-1 or batched cells (of all "
+                   "cells, if it has none of that kind). Under the load of this run."}
 
 
 def run(quick: bool = False, *, progress: bool = True, settings: dict | None = None,

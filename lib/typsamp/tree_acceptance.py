@@ -120,14 +120,30 @@ def position_laws(target, prompt: torch.Tensor, tokens: torch.Tensor, T: float):
     p_T(x_j | text before it) under the warp at temperature ``T`` (at T = 0, 1 where x_j
     is the argmax, else 0), ``top`` bool [L] whether x_j is the argmax of the logits
     (where a T = 0 decoder and the teacher-forced pass agree)."""
+    return position_laws_at(target, prompt, tokens, (T,))[0]
+
+
+def position_laws_at(target, prompt: torch.Tensor, tokens: torch.Tensor, temperatures) -> list:
+    """:func:`position_laws` at each of ``temperatures``, from one teacher-forced pass. A
+    target with ``head_logits`` (:class:`typsamp.gemma.Gemma`) applies its head to the
+    generated positions only."""
     text = torch.cat([prompt, tokens])[None]
+    start = prompt.numel() - 1
     target.clear_cache()
-    logits = target(text)[0, prompt.numel() - 1:-1].float()
-    p_x = sampling.Warp(temperature=T)(logits).double().gather(-1, tokens[:, None]).squeeze(-1) if T > 0 else None
+    with torch.inference_mode():
+        if callable(getattr(target, "head_logits", None)):
+            logits = target.head_logits(target(text, head=None)[0, start:-1]).float()
+        else:
+            logits = target(text)[0, start:-1].float()
     top = logits.argmax(-1) == tokens
-    if p_x is None:
-        p_x = top.double()
-    return p_x, top
+    out = []
+    for T in temperatures:
+        if T > 0:
+            p_x = sampling.Warp(temperature=T)(logits).double().gather(-1, tokens[:, None]).squeeze(-1)
+        else:
+            p_x = top.double()
+        out.append((p_x, top))
+    return out
 
 
 def _distances(method: str, p_x: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
